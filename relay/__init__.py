@@ -1,0 +1,45 @@
+"""relay: a Redis-backed distributed event relay for AI agent platforms.
+
+Orchestrators publish AgentEvents with :class:`RelayClient`; gateways built by
+:func:`create_app` forward them to WebSocket clients; cancels and budget
+decisions travel back through Redis (:class:`CancelRegistry`,
+:class:`RequestBudget`).
+"""
+
+from .budget import BudgetState, BudgetStatus, NoPendingDecision, PauseOutcome, RequestBudget
+from .cancel import CancelRegistry, CancelToken, request_cancel
+from .client import PublishError, Published, RelayClient
+from .config import ConfigError, GlobalConfig, load_config
+from .events import AgentEvent, parse_event
+from .keys import Keys
+
+__all__ = [
+    "AgentEvent",
+    "BudgetState",
+    "BudgetStatus",
+    "CancelRegistry",
+    "CancelToken",
+    "ConfigError",
+    "GlobalConfig",
+    "Keys",
+    "NoPendingDecision",
+    "PauseOutcome",
+    "PublishError",
+    "Published",
+    "RelayClient",
+    "RequestBudget",
+    "create_app",
+    "load_config",
+    "parse_event",
+    "request_cancel",
+]
+
+
+def __getattr__(name: str) -> object:
+    # The gateway (Starlette, uvicorn, Prometheus) is imported only when asked
+    # for, so orchestrators using the SDK do not pay for it.
+    if name == "create_app":
+        from .gateway import create_app
+
+        return create_app
+    raise AttributeError(f"module 'relay' has no attribute {name!r}")

@@ -1,0 +1,210 @@
+"""Cancellation through Redis: a durable tombstone plus a fast nudge.
+
+Writing a cancel (gateway, REST, CLI): ``SET relay:T:cancel:{X} <json> EX ttl``
+and ``PUBLISH relay:T:cancels <json>`` in one MULTI. The tombstone is the
+truth; the message only wakes orchestrators up quickly.
+
+Honouring it (orchestrator): a :class:`CancelRegistry` per process holds the
+live :class:`CancelToken` objects, each registered under every id of its
+lineage (request id, ancestors, itself). A nudge for id X cancels exactly the
+tokens whose lineage contains X, so cancelling an agent reaches descendants
+on any host. Registration checks the tombstones of the whole lineage *after*
+indexing the token, so a cancel written before the agent existed is honoured
+at registration and one written during it is caught by the nudge. A poll of
+the tombstones of every live token covers nudges missed while the pub/sub
+connection was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+
+from .events import AgentCancelled
+from .keys import Keys
+
+if TYPE_CHECKING:
+    from .client import RelayClient
+
+log = logging.getLogger(__name__)
+
+
+async def request_cancel(
+    redis: Redis, keys: Keys, target_id: str, *, reason: str = "cancelled by user", ttl: int
+) -> bool:
+    """Durably record a cancel of agent or request ``target_id`` and nudge orchestrators.
+
+    Idempotent. Returns True when a tombstone already existed.
+    """
+    payload = json.dumps({"target_id": target_id, "reason": reason, "ts": int(time.time() * 1000)})
+    pipe = redis.pipeline(transaction=True)
+    pipe.set(keys.cancel(target_id), payload, ex=ttl, get=True)
+    pipe.publish(keys.cancel_channel, payload)
+    previous, _ = await pipe.execute()
+    return previous is not None
+
+
+class CancelToken:
+    """Cancellation state of one agent (or of a whole request, for the root token).
+
+    ``lineage`` is every id from the request down to this one; pass it to
+    another host so a token created there is reached by cancels of any
+    ancestor (:meth:`CancelRegistry.token` with ``lineage=``).
+    """
+
+    def __init__(self, registry: CancelRegistry, lineage: tuple[str, ...]) -> None:
+        self.registry = registry
+        self.lineage = lineage
+        self.reason: str | None = None
+        self.cancelled_by: str | None = None
+        self._event = asyncio.Event()
+
+    @property
+    def id(self) -> str:
+        """The agent (or request) id this token belongs to."""
+        return self.lineage[-1]
+
+    def is_cancelled(self) -> bool:
+        """True once this token or any ancestor was cancelled. Cheap: no I/O."""
+        return self._event.is_set()
+
+    async def wait(self) -> str:
+        """Wait until cancelled; returns the reason."""
+        await self._event.wait()
+        return self.reason or "cancelled"
+
+    async def child(self, agent_id: str) -> CancelToken:
+        """Register a child agent; it starts cancelled if any ancestor already is."""
+        return await self.registry.token(agent_id, lineage=self.lineage)
+
+    def cancel(self, reason: str = "cancelled", by: str | None = None) -> None:
+        """Cancel locally: this token and its local descendants (no Redis write)."""
+        self.registry._trigger(by or self.id, reason)
+
+    async def announce(
+        self, client: RelayClient, request_id: str, reason: str | None = None
+    ) -> int:
+        """Publish ``agent_cancelled`` for this agent; returns its seq."""
+        event = AgentCancelled(
+            agent_id=uuid.UUID(self.id), reason=reason or self.reason or "cancelled"
+        )
+        return await client.publish(request_id, event)
+
+    def release(self) -> None:
+        """Forget the token (the agent finished); stops polling its tombstones."""
+        self.registry._unregister(self)
+
+    def _fire(self, by: str, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason, self.cancelled_by = reason, by
+            self._event.set()
+
+
+class CancelRegistry:
+    """Receives cancels for the tokens of this process. One pub/sub connection."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, poll_interval: float = 2.0) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.poll_interval = poll_interval
+        self._index: dict[str, set[CancelToken]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        """Subscribe to cancel nudges and start polling; returns once subscribed."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._supervise(), name="relay-cancel-registry")
+        await asyncio.wait_for(self._subscribed.wait(), 10)
+
+    async def close(self) -> None:
+        """Stop listening and polling."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def token(
+        self, target_id: str, *, lineage: Sequence[str] = (), parent: CancelToken | None = None
+    ) -> CancelToken:
+        """Register a token for ``target_id`` below ``lineage`` (or ``parent``'s lineage).
+
+        A request's root token is ``token(request_id)``. Checks the tombstones
+        of the whole lineage, so a cancel that came first is honoured now.
+        """
+        base = parent.lineage if parent is not None else tuple(str(x) for x in lineage)
+        tok = CancelToken(self, (*base, str(target_id)))
+        for ident in tok.lineage:
+            self._index.setdefault(ident, set()).add(tok)
+        await self._check(tok.lineage)
+        return tok
+
+    def _unregister(self, tok: CancelToken) -> None:
+        for ident in tok.lineage:
+            holders = self._index.get(ident)
+            if holders is not None:
+                holders.discard(tok)
+                if not holders:
+                    del self._index[ident]
+
+    def _trigger(self, target_id: str, reason: str) -> None:
+        for tok in list(self._index.get(target_id, ())):
+            tok._fire(target_id, reason)
+
+    async def _check(self, ids: Iterable[str]) -> None:
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return
+        # One GET per id in a pipeline (not MGET): tombstones live in
+        # different cluster slots.
+        pipe = self.redis.pipeline(transaction=False)
+        for ident in wanted:
+            pipe.get(self.keys.cancel(ident))
+        for ident, raw in zip(wanted, await pipe.execute(), strict=True):
+            if raw is not None:
+                self._trigger(ident, json.loads(raw).get("reason", "cancelled"))
+
+    async def _supervise(self) -> None:
+        delay = 0.05
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.keys.cancel_channel)
+                # Anything published while we were away is in the tombstones.
+                await self._check(self._index)
+                self._subscribed.set()
+                delay = 0.05
+                await self._listen(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cancel listener lost its connection: %s", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _listen(self, pubsub: Any) -> None:
+        next_poll = time.monotonic() + self.poll_interval
+        while True:
+            timeout = max(0.0, next_poll - time.monotonic())
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+            if message is not None and message["type"] == "message":
+                try:
+                    data = json.loads(message["data"])
+                    self._trigger(str(data["target_id"]), str(data.get("reason", "cancelled")))
+                except (ValueError, KeyError, TypeError):
+                    log.warning("ignoring malformed cancel message %r", message["data"])
+            if time.monotonic() >= next_poll:
+                await self._check(self._index)
+                next_poll = time.monotonic() + self.poll_interval

@@ -1,0 +1,211 @@
+"""RelayClient: the orchestrator side. Publishes AgentEvents into Redis.
+
+One publish is one round trip: a pipeline holding the atomic publish script
+(seq, history, state, both channels) and the tenant's activity index.
+
+Outage policy: a publish that fails on a connection error is retried with
+capped backoff for ``publish_retry_seconds`` (default 10 s). Retries carry the
+call's publish id, so the script never publishes the same call twice even when
+the first attempt reached Redis and only the reply was lost. When the bound is
+exhausted :class:`PublishError` is raised: an event is never dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .config import HistoryConfig
+from .events import AgentEvent, AgentTextDelta, event_request_id, parse_event
+from .keys import Keys
+from .scripts import is_noscript, script
+
+RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class PublishError(Exception):
+    """Publishing failed for good (Redis unreachable past the retry bound)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """Where a publish landed: its seq range, the stream epoch and Redis time."""
+
+    first_seq: int
+    last_seq: int
+    epoch: str
+    ts: int
+
+
+def normalize_request_id(request_id: str | uuid.UUID) -> str:
+    """Hyphenated lowercase form of a request id; ``ValueError`` if not a UUID."""
+    try:
+        return str(request_id if isinstance(request_id, uuid.UUID) else uuid.UUID(request_id))
+    except (ValueError, AttributeError, TypeError):
+        raise ValueError(f"request_id: {request_id!r} is not a valid UUID") from None
+
+
+def encode_event(request_id: str, event: AgentEvent | dict[str, Any]) -> tuple[str, str]:
+    """Validate an event for ``request_id``; return ``(type, compact JSON)``.
+
+    Raises ``pydantic.ValidationError`` (names the field) or ``ValueError``
+    when the event's own ``request_id`` disagrees with the one published to.
+    """
+    model = parse_event(event)
+    own = event_request_id(model)
+    if own is not None and str(own) != request_id:
+        raise ValueError(
+            f"request_id: event carries {own} but is published to request {request_id}"
+        )
+    return model.type, model.model_dump_json()
+
+
+class RelayClient:
+    """Publishes events for one tenant.
+
+    >>> async with RelayClient.from_url("redis://localhost") as client:
+    ...     seq = await client.publish(request_id, {"type": "synthesis_started", ...})
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        tenant: str = "default",
+        history: HistoryConfig | None = None,
+        publish_retry_seconds: float = 10.0,
+        owns_connection: bool = True,
+    ) -> None:
+        self.redis = redis
+        self.keys = Keys(tenant)
+        self.history = history or HistoryConfig()
+        self.publish_retry_seconds = publish_retry_seconds
+        self._owns = owns_connection
+        self._script = script("publish")
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        tenant: str = "default",
+        history: HistoryConfig | None = None,
+        publish_retry_seconds: float = 10.0,
+        socket_timeout: float = 5.0,
+    ) -> Self:
+        """A client with its own connection pool to ``url``."""
+        redis = Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+        )
+        return cls(
+            redis,
+            tenant=tenant,
+            history=history,
+            publish_retry_seconds=publish_retry_seconds,
+        )
+
+    @property
+    def tenant(self) -> str:
+        return self.keys.tenant
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool if this client created it."""
+        if self._owns:
+            await self.redis.aclose()
+
+    async def publish(self, request_id: str | uuid.UUID, event: AgentEvent | dict[str, Any]) -> int:
+        """Publish one event; returns the seq Redis assigned to it."""
+        return (await self.publish_many(request_id, [event])).last_seq
+
+    async def publish_text_deltas(
+        self, request_id: str | uuid.UUID, agent_id: str | uuid.UUID, texts: Iterable[str]
+    ) -> Published:
+        """Publish a run of ``agent_text_delta`` events for one agent in one round trip."""
+        aid = uuid.UUID(str(agent_id))
+        return await self.publish_many(
+            request_id, [AgentTextDelta(agent_id=aid, text=t) for t in texts]
+        )
+
+    async def publish_many(
+        self, request_id: str | uuid.UUID, events: Sequence[AgentEvent | dict[str, Any]]
+    ) -> Published:
+        """Publish several events of one request atomically, in order, in one round trip."""
+        if not events:
+            raise ValueError("events: at least one event is required")
+        rid = normalize_request_id(request_id)
+        encoded: list[str] = []
+        for event in events:
+            encoded.extend(encode_event(rid, event))
+        return await self._publish_encoded(rid, encoded)
+
+    async def _publish_encoded(self, rid: str, encoded: list[str]) -> Published:
+        rk = self.keys.request(rid)
+        publish_id = uuid.uuid4().hex
+        deadline = time.monotonic() + self.publish_retry_seconds
+        delay = 0.05
+        attempt = 0
+        while True:
+            args: list[Any] = [
+                rid,
+                uuid.uuid4().hex[:12],
+                self.history.max_events,
+                self.history.ttl_seconds,
+                self.history.state_ttl_seconds,
+                rk.channel,
+                self.keys.firehose_channel,
+                publish_id,
+                "1" if attempt else "0",
+                *encoded,
+            ]
+            try:
+                return await self._run(rid, rk.script_keys, args)
+            except RETRYABLE as exc:
+                attempt += 1
+                if time.monotonic() + delay > deadline:
+                    raise PublishError(
+                        f"publish to request {rid} failed after {attempt} attempts "
+                        f"over {self.publish_retry_seconds:g}s: {exc}"
+                    ) from exc
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 1.0)
+
+    async def _run(self, rid: str, keys: list[str], args: list[Any]) -> Published:
+        for _ in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            self._script.queue(pipe, keys, args)
+            pipe.zadd(self.keys.active, {rid: int(time.time() * 1000)})
+            result, _zadd = await pipe.execute(raise_on_error=False)
+            if is_noscript(result):
+                await self._script.load(self.redis)
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            epoch, ts, first, last = result
+            return Published(
+                first_seq=int(first),
+                last_seq=int(last),
+                epoch=epoch.decode() if isinstance(epoch, bytes) else str(epoch),
+                ts=int(ts),
+            )
+        raise PublishError("publish script could not be loaded")  # pragma: no cover

@@ -1,0 +1,153 @@
+"""Client commands and the gateway's replies.
+
+Commands are what browser and terminal clients send over the WebSocket. The
+original's six commands are accepted unchanged; relay adds ``subscribe`` and
+``unsubscribe``. Unknown fields are ignored (as the contract requires) and a
+client ``command_id`` is echoed in the reply.
+
+Every failure to parse a command maps to one :class:`CommandError` with a
+stable ``code`` and a message that names the bad field, so the connection can
+answer with an error frame and carry on.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeAlias
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+CommandId = str | int
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    command_id: CommandId | None = None
+
+
+class CancelAgent(_Command):
+    """Cancel an agent and its descendants; a request id cancels the request."""
+
+    type: Literal["cancel_agent"]
+    agent_id: UUID
+
+
+class BudgetContinue(_Command):
+    type: Literal["budget_continue"]
+    request_id: UUID
+
+
+class BudgetStop(_Command):
+    type: Literal["budget_stop"]
+    request_id: UUID
+
+
+class Ping(_Command):
+    type: Literal["ping"]
+
+
+class SubscribeWorkflow(_Command):
+    type: Literal["subscribe_workflow"]
+    run_id: UUID
+
+
+class UnsubscribeWorkflow(_Command):
+    type: Literal["unsubscribe_workflow"]
+    run_id: UUID
+
+
+class Subscribe(_Command):
+    """Narrow the connection to this request (relay extension).
+
+    ``after_seq`` resumes after the last seq the client saw; ``epoch`` is the
+    epoch that seq belongs to (from ``subscribed`` or ``snapshot``);
+    ``snapshot`` asks for the request's current state first.
+    """
+
+    type: Literal["subscribe"]
+    request_id: UUID
+    after_seq: Annotated[int, Field(ge=0)] | None = None
+    epoch: str | None = None
+    snapshot: bool = False
+
+
+class Unsubscribe(_Command):
+    type: Literal["unsubscribe"]
+    request_id: UUID
+
+
+Command: TypeAlias = Annotated[
+    CancelAgent
+    | BudgetContinue
+    | BudgetStop
+    | Ping
+    | SubscribeWorkflow
+    | UnsubscribeWorkflow
+    | Subscribe
+    | Unsubscribe,
+    Field(discriminator="type"),
+]
+
+COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
+COMMAND_TYPES: frozenset[str] = frozenset(
+    m.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]
+    for m in _Command.__subclasses__()
+)
+
+
+class CommandError(Exception):
+    """A command the gateway cannot accept; becomes an ``error`` frame."""
+
+    def __init__(self, code: str, message: str, command_id: CommandId | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.command_id = command_id
+
+    def frame(self) -> dict[str, Any]:
+        """The error frame sent to the client."""
+        return error_frame(self.code, self.message, self.command_id)
+
+
+def error_frame(code: str, message: str, command_id: CommandId | None = None) -> dict[str, Any]:
+    """``{"type":"error","code":...,"message":...}`` plus ``command_id`` when given."""
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if command_id is not None:
+        frame["command_id"] = command_id
+    return frame
+
+
+def _describe(error: ValidationError) -> tuple[str, str]:
+    first = error.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p in COMMAND_TYPES))
+    kind = first["type"]
+    if kind == "missing":
+        return "missing_field", f"missing field '{loc}'"
+    if kind.startswith("uuid"):
+        return "invalid_uuid", f"field '{loc}' is not a valid UUID"
+    return "invalid_field", f"field '{loc}': {first['msg']}"
+
+
+def parse_command(text: str | bytes) -> Command:
+    """Parse one client frame into a command or raise :class:`CommandError`."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CommandError("invalid_json", f"frame is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CommandError("invalid_json", "frame must be a JSON object")
+    command_id = raw.get("command_id")
+    if not isinstance(command_id, str | int) or isinstance(command_id, bool):
+        command_id = None
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise CommandError("missing_field", "missing field 'type'", command_id)
+    if kind not in COMMAND_TYPES:
+        raise CommandError("unknown_type", f"unknown command type {kind!r}", command_id)
+    try:
+        return COMMAND_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        code, message = _describe(exc)
+        raise CommandError(code, message, command_id) from None

@@ -1,0 +1,196 @@
+"""Configuration: ``config.toml`` plus ``RELAY_<SECTION>_<KEY>`` overrides, loaded once.
+
+Precedence, lowest first: built-in defaults, the TOML file, the environment.
+Every value is validated by pydantic; a bad value is a :class:`ConfigError`
+whose message names the key (``gateway.port``) and where it came from, and
+the CLI turns it into exit code 2. Unknown keys are errors too: a typo must
+not silently fall back to a default, which is what the original did.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .keys import validate_tenant
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "RELAY_"
+MIN_REQUEST_BUDGET = 10_000
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedisConfig(_Section):
+    url: str = Field(
+        default="",
+        description="redis:// or rediss:// URL; empty means 127.0.0.1:6379 "
+        "(and, for `relay demo`, an embedded server when that is unreachable)",
+    )
+    tenant: str = "default"
+    socket_timeout: PositiveFloat = 5.0
+    publish_retry_seconds: Annotated[float, Field(ge=0)] = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        return validate_tenant(value)
+
+    @property
+    def effective_url(self) -> str:
+        return self.url or "redis://127.0.0.1:6379/0"
+
+
+class GatewayConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    send_queue_max: PositiveInt = 1024
+    send_queue_max_bytes: PositiveInt = 4 * 1024 * 1024
+    overflow_policy: Literal["drop_oldest", "close"] = "drop_oldest"
+    max_message_bytes: PositiveInt = 64 * 1024
+    ping_interval: PositiveFloat = 20.0
+    ping_timeout: PositiveFloat = 20.0
+    probe_interval: PositiveFloat = 1.0
+    probe_timeout: PositiveFloat = 2.0
+    reconnect_backoff_max: PositiveFloat = 2.0
+    drain_timeout: PositiveFloat = 8.0
+    firehose_track_requests: PositiveInt = 4096
+
+
+class HistoryConfig(_Section):
+    max_events: PositiveInt = 10_000
+    ttl_seconds: PositiveInt = 24 * 3600
+    state_ttl_seconds: PositiveInt = 7 * 24 * 3600
+    replay_batch: PositiveInt = 500
+
+
+class CancelConfig(_Section):
+    tombstone_ttl_seconds: PositiveInt = 24 * 3600
+    poll_interval: PositiveFloat = 2.0
+
+
+class BudgetConfig(_Section):
+    default_request_budget: int = 500_000
+    warning_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.8
+    decision_timeout_seconds: PositiveFloat = 60.0
+    timeout_decision: Literal["continue", "stop"] = "stop"
+
+    @field_validator("default_request_budget")
+    @classmethod
+    def _floor(cls, value: int) -> int:
+        # The contract: a configured budget below 10,000 is raised to 10,000.
+        if value < MIN_REQUEST_BUDGET:
+            log.warning("budget.default_request_budget %d raised to %d", value, MIN_REQUEST_BUDGET)
+            return MIN_REQUEST_BUDGET
+        return value
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class GlobalConfig(_Section):
+    """All of relay's settings. Build it with :func:`load_config`."""
+
+    redis: RedisConfig = RedisConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    history: HistoryConfig = HistoryConfig()
+    cancel: CancelConfig = CancelConfig()
+    budget: BudgetConfig = BudgetConfig()
+    log: LogConfig = LogConfig()
+
+
+SECTIONS: tuple[str, ...] = tuple(GlobalConfig.model_fields)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key."""
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Collect ``RELAY_<SECTION>_<KEY>`` variables as ``{section: {key: raw}}``."""
+    overrides: dict[str, dict[str, str]] = {}
+    origin: dict[str, str] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "RELAY_CONFIG":
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        for section in SECTIONS:
+            if rest.startswith(section + "_"):
+                key = rest[len(section) + 1 :]
+                overrides.setdefault(section, {})[key] = value
+                origin[f"{section}.{key}"] = f"environment variable {name}"
+                break
+    return overrides, origin
+
+
+def _format_error(exc: ValidationError, origin: Mapping[str, str], source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        where = origin.get(key, source)
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (in {where})")
+        else:
+            lines.append(f"{key}: {err['msg']} (in {where})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> GlobalConfig:
+    """Load and validate the configuration once.
+
+    ``path`` defaults to ``$RELAY_CONFIG``; with neither, only defaults and the
+    environment apply. A path that was asked for but does not exist is an
+    error. Raises :class:`ConfigError` naming the bad key.
+    """
+    env = os.environ if environ is None else environ
+    chosen = path if path is not None else env.get("RELAY_CONFIG") or None
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if chosen is not None:
+        file = Path(chosen)
+        source = str(file)
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {file}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    overrides, origin = _env_overrides(env)
+    for section, values in overrides.items():
+        existing = data.get(section)
+        if existing is not None and not isinstance(existing, dict):
+            raise ConfigError(f"{section}: must be a table (in {source})")
+        data[section] = {**(existing or {}), **values}
+    try:
+        return GlobalConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, origin, source)) from None

@@ -1,0 +1,75 @@
+"""An event as the gateway carries it: parsed header plus the frame text, once per process.
+
+The publish script sends ``"<epoch> <seq> <request_id> <type> <ts>\\n<frame>"`` on
+the channels. The hub splits the header (no JSON decoding for most events)
+and hands the *same* :class:`Envelope`, holding the already-encoded frame
+text, to every interested connection. Only workflow events are JSON-decoded,
+once, for their ``run_id`` (per-run filtering needs it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from ..events import WORKFLOW_TYPES
+
+
+class EnvelopeError(ValueError):
+    """A channel message that is not a relay frame."""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One published frame, shared by every connection that sends it."""
+
+    request_id: str
+    seq: int
+    epoch: str
+    type: str
+    frame: str
+    run_id: str | None = None
+    nbytes: int = field(default=0, compare=False)
+    ts: int = field(default=0, compare=False)
+
+    @classmethod
+    def parse(cls, payload: bytes | str) -> Envelope:
+        """Parse a channel message; raises :class:`EnvelopeError` on a foreign one."""
+        text = payload.decode() if isinstance(payload, bytes) else payload
+        head, sep, frame = text.partition("\n")
+        parts = head.split(" ")
+        if not sep or len(parts) != 5 or not parts[1].isdigit() or not parts[4].isdigit():
+            raise EnvelopeError(f"not a relay frame: {head[:80]!r}")
+        epoch, seq, rid, kind, ts = parts
+        run_id = None
+        if kind in WORKFLOW_TYPES:
+            try:
+                value = json.loads(frame).get("run_id")
+            except ValueError:
+                raise EnvelopeError("workflow frame is not valid JSON") from None
+            run_id = value if isinstance(value, str) else None
+        return cls(rid, int(seq), epoch, kind, frame, run_id, len(frame), int(ts))
+
+    @classmethod
+    def from_history(cls, request_id: str, epoch: str, seq: int, frame: bytes | str) -> Envelope:
+        """An envelope for a frame read back from the history stream."""
+        text = frame.decode() if isinstance(frame, bytes) else frame
+        kind = ""
+        run_id = None
+        # The frame starts with {"type":"..." because the SDK serialises the
+        # type first; fall back to decoding when another publisher did not.
+        if text.startswith('{"type":"'):
+            end = text.find('"', 9)
+            kind = text[9:end]
+        if not kind or kind in WORKFLOW_TYPES:
+            obj = json.loads(text)
+            kind = str(obj.get("type", ""))
+            rid = obj.get("run_id")
+            run_id = rid if isinstance(rid, str) else None
+        return cls(request_id, seq, epoch, kind, text, run_id, len(text), 0)
+
+
+def history_seq(entry_id: bytes | str) -> int:
+    """The seq of a history stream entry id (``"<seq>-0"``)."""
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(raw.partition("-")[0])

@@ -1,0 +1,125 @@
+"""Reads of a request's durable state: position, history ranges, snapshot.
+
+Everything here is a read on the command connection pool, never on the
+pub/sub connection. History is read in bounded batches so a replay of a long
+request never holds more than one batch in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from ..keys import Keys
+from .envelope import Envelope, history_seq
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a request's stream stands: last seq and epoch (0 and None if unknown)."""
+
+    seq: int
+    epoch: str | None
+
+
+class HistoryGap(Exception):
+    """History no longer reaches back to the seq a reader needs."""
+
+    def __init__(self, request_id: str, wanted: int, first_available: int | None) -> None:
+        super().__init__(f"history of {request_id} starts at {first_available}, needed {wanted}")
+        self.request_id = request_id
+        self.wanted = wanted
+        self.first_available = first_available
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RequestStore:
+    """Read access to the Redis state of one tenant's requests."""
+
+    def __init__(self, redis: Redis, keys: Keys, batch: int = 500) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.batch = batch
+
+    async def position(self, request_id: str) -> Position:
+        """The request's last seq and epoch."""
+        rk = self.keys.request(request_id)
+        seq, epoch = await self.redis.mget([rk.seq, rk.epoch])
+        return Position(int(seq) if seq is not None else 0, _text(epoch))
+
+    async def replay(
+        self, request_id: str, epoch: str, after: int, until: int | None = None
+    ) -> AsyncIterator[list[Envelope]]:
+        """Yield batches of envelopes with ``after < seq <= until`` (``until`` None: to the end).
+
+        Raises :class:`HistoryGap` before yielding anything when history no
+        longer holds ``after + 1`` but does hold something later.
+        """
+        history = self.keys.request(request_id).history
+        start = after + 1
+        first = True
+        while until is None or start <= until:
+            stop = f"{until}-0" if until is not None else "+"
+            entries = await self.redis.xrange(history, min=f"{start}-0", max=stop, count=self.batch)
+            if first:
+                first = False
+                head = history_seq(entries[0][0]) if entries else None
+                if head is None and (until is not None and until >= start):
+                    raise HistoryGap(request_id, start, None)
+                if head is not None and head > start:
+                    raise HistoryGap(request_id, start, head)
+            if not entries:
+                return
+            batch = [
+                Envelope.from_history(request_id, epoch, history_seq(eid), fields[b"f"])
+                for eid, fields in entries
+            ]
+            yield batch
+            start = batch[-1].seq + 1
+            if len(entries) < self.batch:
+                return
+
+    async def pending_decision(self, request_id: str) -> dict[str, Any] | None:
+        """The pending budget pause of the request, if one is open."""
+        raw = await self.redis.get(self.keys.request(request_id).pending)
+        return json.loads(raw) if raw is not None else None
+
+    async def snapshot(self, request_id: str) -> dict[str, Any]:
+        """The request's current state as one ``snapshot`` frame."""
+        rk = self.keys.request(request_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hgetall(rk.state)
+        pipe.get(rk.pending)
+        pipe.mget([rk.seq, rk.epoch])
+        state, pending, (seq, epoch) = await pipe.execute()
+        agents: list[dict[str, Any]] = []
+        extra: dict[str, Any] = {}
+        for field, value in state.items():
+            name = field.decode()
+            if name.startswith("a:"):
+                agents.append(json.loads(value))
+            elif name in ("budget", "outcome", "last_decision"):
+                extra[name] = json.loads(value)
+        agents.sort(key=lambda a: (a.get("spawned_seq") or 0, a.get("agent_id", "")))
+        for agent in agents:
+            # Lua's cjson turns an empty list into {}; keep the wire types stable.
+            agent.setdefault("parent_id", None)
+        return {
+            "type": "snapshot",
+            "request_id": request_id,
+            "epoch": _text(epoch),
+            "seq": int(seq) if seq is not None else 0,
+            "agents": agents,
+            "budget": extra.get("budget"),
+            "pending_decision": json.loads(pending) if pending is not None else None,
+            "last_decision": extra.get("last_decision"),
+            "synthesis_started": b"synthesis_seq" in state,
+            "outcome": extra.get("outcome"),
+        }

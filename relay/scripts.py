@@ -1,0 +1,58 @@
+"""The atomic Redis scripts, loaded from ``relay/lua`` once per process.
+
+Scripts run with EVALSHA and fall back to SCRIPT LOAD when the server does not
+know them (a restarted Redis, a failover), so callers never see NOSCRIPT.
+The sources ship in the package so orchestrators in other languages can load
+the very same scripts (see docs/PROTOCOL.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, ResponseError
+
+RedisClient = Redis
+
+
+class LuaScript:
+    """One Lua script from the package, called by SHA with a load fallback."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = resources.files("relay").joinpath("lua", f"{name}.lua").read_text("utf-8")
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def __call__(self, redis: Redis, keys: list[str], args: list[Any]) -> Any:
+        """Run the script; loads it first if the server lost it."""
+        try:
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+        except NoScriptError:
+            await self.load(redis)
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+
+    def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
+        """Add an EVALSHA of this script to a pipeline (see :func:`is_noscript`)."""
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+    async def load(self, redis: Redis) -> None:
+        """SCRIPT LOAD the source; idempotent."""
+        await redis.script_load(self.source)
+
+
+def is_noscript(result: object) -> bool:
+    """True when a pipeline result is the server's NOSCRIPT error."""
+    return isinstance(result, NoScriptError) or (
+        isinstance(result, ResponseError) and str(result).startswith("NOSCRIPT")
+    )
+
+
+@cache
+def script(name: str) -> LuaScript:
+    """The process-wide instance of script ``name`` (read from disk on first use)."""
+    return LuaScript(name)
