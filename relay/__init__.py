@@ -8,7 +8,7 @@ decisions travel back through Redis (:class:`CancelRegistry`,
 
 from .budget import BudgetState, BudgetStatus, NoPendingDecision, PauseOutcome, RequestBudget
 from .cancel import CancelRegistry, CancelToken, request_cancel
-from .client import PublishError, Published, RelayClient
+from .client import Published, PublishError, RelayClient
 from .config import ConfigError, GlobalConfig, load_config
 from .events import AgentEvent, parse_event
 from .keys import Keys

@@ -113,7 +113,7 @@ class RequestBudget:
 
     async def used(self) -> int:
         """Tokens used so far by the whole request."""
-        raw = await self.redis.hget(self._rk.budget, "used")  # type: ignore[misc]
+        raw = await self.redis.hget(self._rk.budget, "used")
         return int(raw or 0)
 
     async def pause(
@@ -168,16 +168,19 @@ class RequestBudget:
             )
         return outcome
 
-    async def _await_decision(self, pause_id: str, timeout: float, default: Decision) -> PauseOutcome:
+    async def _await_decision(
+        self, pause_id: str, timeout: float, default: Decision
+    ) -> PauseOutcome:
         deadline = time.monotonic() + timeout
         prefix = f"{pause_id}:"
         while (left := deadline - time.monotonic()) > 0:
             # BLPOP takes fractional seconds since Redis 6; keep a floor so a
             # tiny remainder does not become "block forever" (0).
-            got = await self.redis.blpop([self._rk.decision], timeout=max(left, 0.01))  # type: ignore[misc]
+            got = await self.redis.blpop([self._rk.decision], timeout=max(left, 0.01))
             if got is None:
                 break
-            value = got[1].decode()
+            raw = got[1]
+            value = raw.decode() if isinstance(raw, bytes) else str(raw)
             if value.startswith(prefix):
                 return PauseOutcome(_decision(value[len(prefix) :]), "client")
         result = await script("budget_timeout")(
@@ -195,7 +198,9 @@ def _decision(value: str) -> Decision:
     return "stop"
 
 
-async def answer_budget(redis: Redis, keys: Keys, request_id: str, decision: Decision) -> dict[str, object]:
+async def answer_budget(
+    redis: Redis, keys: Keys, request_id: str, decision: Decision
+) -> dict[str, object]:
     """Answer the request's pending pause; first answer wins.
 
     Returns the pause that was answered; raises :class:`NoPendingDecision`

@@ -190,7 +190,7 @@ class CancelRegistry:
                 log.warning("cancel listener lost its connection: %s", exc)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 

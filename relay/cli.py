@@ -46,7 +46,9 @@ def _config(args: argparse.Namespace) -> GlobalConfig:
         except ValidationError as exc:
             first = exc.errors()[0]
             key = ".".join(str(p) for p in first["loc"])
-            raise ConfigError(f"invalid configuration:\n  {key}: {first['msg']} (in arguments)") from None
+            raise ConfigError(
+                f"invalid configuration:\n  {key}: {first['msg']} (in arguments)"
+            ) from None
     return config
 
 
@@ -133,7 +135,9 @@ def _redis_action(args: argparse.Namespace, action: Callable[..., Any]) -> Any:
     config = _config(args)
 
     async def run() -> Any:
-        redis = Redis.from_url(config.redis.effective_url, socket_timeout=config.redis.socket_timeout)
+        redis = Redis.from_url(
+            config.redis.effective_url, socket_timeout=config.redis.socket_timeout
+        )
         try:
             return await action(redis, Keys(config.redis.tenant), config)
         finally:
@@ -168,9 +172,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
-    from .budget import NoPendingDecision, answer_budget
+    from .budget import Decision, NoPendingDecision, answer_budget
 
-    decision = "continue" if args.command == "continue" else "stop"
+    decision: Decision = "continue" if args.command == "continue" else "stop"
 
     async def action(redis: Any, keys: Any, config: GlobalConfig) -> Any:
         return await answer_budget(redis, keys, args.request_id, decision)
@@ -186,7 +190,8 @@ def cmd_decide(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     from .tail import run_tail
 
-    return run_tail(args)
+    code: int = run_tail(args)
+    return code
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -212,9 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--config", help="config file (default: $RELAY_CONFIG, else built-in defaults)")
+        p.add_argument(
+            "--config", help="config file (default: $RELAY_CONFIG, else built-in defaults)"
+        )
         p.set_defaults(func=func)
         return p
 
@@ -223,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", dest="gateway_port", type=int)
     p.add_argument("--redis-url", dest="redis_url")
 
-    p = add("publish", cmd_publish, "publish events (JSON argument, or one JSON object per stdin line)")
+    p = add(
+        "publish", cmd_publish, "publish events (JSON argument, or one JSON object per stdin line)"
+    )
     p.add_argument("request_id", type=_uuid_arg)
     p.add_argument("event", nargs="?", help="one event as JSON (default: read stdin)")
     p.add_argument("--redis-url", dest="redis_url")

@@ -228,9 +228,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
     m.model_fields["type"].default for m in _Event.__subclasses__()
 )
 AGENT_SCOPED: frozenset[str] = frozenset(
-    m.model_fields["type"].default
-    for m in _Event.__subclasses__()
-    if "agent_id" in m.model_fields
+    m.model_fields["type"].default for m in _Event.__subclasses__() if "agent_id" in m.model_fields
 )
 WORKFLOW_TYPES: frozenset[str] = frozenset(t for t in EVENT_TYPES if t.startswith("workflow_"))
 

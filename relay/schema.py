@@ -43,13 +43,27 @@ SERVER_FRAMES: dict[str, dict[str, Any]] = {
         },
     },
     "snapshot": {
-        "required": ["type", "request_id", "epoch", "seq", "agents", "budget",
-                     "pending_decision", "outcome"],
+        "required": [
+            "type",
+            "request_id",
+            "epoch",
+            "seq",
+            "agents",
+            "budget",
+            "pending_decision",
+            "outcome",
+        ],
         "properties": {"agents": {"type": "array"}},
     },
     "budget_pending": {
-        "required": ["type", "request_id", "pause_id", "tokens_used", "budget_total",
-                     "deadline_ts"],
+        "required": [
+            "type",
+            "request_id",
+            "pause_id",
+            "tokens_used",
+            "budget_total",
+            "deadline_ts",
+        ],
         "properties": {},
     },
 }

@@ -31,10 +31,10 @@ class LuaScript:
     async def __call__(self, redis: Redis, keys: list[str], args: list[Any]) -> Any:
         """Run the script; loads it first if the server lost it."""
         try:
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             await self.load(redis)
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
 
     def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
         """Add an EVALSHA of this script to a pipeline (see :func:`is_noscript`)."""

@@ -14,7 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ..budget import NoPendingDecision, answer_budget
+from ..budget import Decision, NoPendingDecision, answer_budget
 from ..cancel import request_cancel
 from ..commands import (
     BudgetContinue,
@@ -66,7 +66,7 @@ class Actions:
                     "already_cancelled": existed,
                 }
             if isinstance(command, BudgetContinue | BudgetStop):
-                decision = "continue" if isinstance(command, BudgetContinue) else "stop"
+                decision: Decision = "continue" if isinstance(command, BudgetContinue) else "stop"
                 rid = str(command.request_id)
                 try:
                     pause = await answer_budget(self.redis, self.keys, rid, decision)

@@ -18,21 +18,15 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.connections = Gauge(
-            "relay_connections", "Open WebSocket connections", registry=r
-        )
+        self.connections = Gauge("relay_connections", "Open WebSocket connections", registry=r)
         self.connections_total = Counter(
             "relay_connections_opened", "WebSocket connections accepted", registry=r
         )
         self.events_in = Counter(
             "relay_events_received", "Events received from Redis pub/sub", registry=r
         )
-        self.events_out = Counter(
-            "relay_events_sent", "Event frames sent to clients", registry=r
-        )
-        self.bytes_out = Counter(
-            "relay_bytes_sent", "Bytes of frames sent to clients", registry=r
-        )
+        self.events_out = Counter("relay_events_sent", "Event frames sent to clients", registry=r)
+        self.bytes_out = Counter("relay_bytes_sent", "Bytes of frames sent to clients", registry=r)
         self.replayed = Counter(
             "relay_events_replayed", "Event frames sent from history (resume, lag)", registry=r
         )
@@ -49,7 +43,9 @@ class Metrics:
             "relay_probe_failures", "Delivery probes that did not come back", registry=r
         )
         self.commands = Counter(
-            "relay_commands", "Client commands by type and outcome", ["type", "outcome"],
+            "relay_commands",
+            "Client commands by type and outcome",
+            ["type", "outcome"],
             registry=r,
         )
         self.latency = Histogram(

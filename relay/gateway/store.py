@@ -70,7 +70,7 @@ class RequestStore:
             entries = await self.redis.xrange(history, min=f"{start}-0", max=stop, count=self.batch)
             if first:
                 first = False
-                head = history_seq(entries[0][0]) if entries else None
+                head = history_seq(entries[0][0]) if entries and entries[0][0] else None
                 if head is None and (until is not None and until >= start):
                     raise HistoryGap(request_id, start, None)
                 if head is not None and head > start:
@@ -80,6 +80,7 @@ class RequestStore:
             batch = [
                 Envelope.from_history(request_id, epoch, history_seq(eid), fields[b"f"])
                 for eid, fields in entries
+                if eid is not None and fields is not None
             ]
             yield batch
             start = batch[-1].seq + 1
