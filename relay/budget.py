@@ -39,6 +39,8 @@ Decision = Literal["continue", "stop"]
 PublishFn: TypeAlias = Callable[[BudgetWarning | BudgetDecision], Awaitable[object]]
 """Publishes one event of the request (``RelayClient.publish`` bound to it)."""
 DECISION_LIST_TTL = 300
+BLPOP_SLICE = 1.0
+"""Longest single BLPOP of a pause, in seconds (below any sane socket timeout)."""
 
 
 class BudgetStatus(enum.Enum):
@@ -175,10 +177,13 @@ class RequestBudget:
         prefix = f"{pause_id}:"
         while (left := deadline - time.monotonic()) > 0:
             # BLPOP takes fractional seconds since Redis 6; keep a floor so a
-            # tiny remainder does not become "block forever" (0).
-            got = await self.redis.blpop([self._rk.decision], timeout=max(left, 0.01))
+            # tiny remainder does not become "block forever" (0), and a ceiling
+            # below the client's socket timeout, which a longer block would hit.
+            got = await self.redis.blpop(
+                [self._rk.decision], timeout=min(max(left, 0.01), BLPOP_SLICE)
+            )
             if got is None:
-                break
+                continue
             raw = got[1]
             value = raw.decode() if isinstance(raw, bytes) else str(raw)
             if value.startswith(prefix):

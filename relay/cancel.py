@@ -128,10 +128,18 @@ class CancelRegistry:
     async def close(self) -> None:
         """Stop listening and polling."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        # Cancel again until it has ended: on Python 3.11, asyncio.wait_for
+        # (used inside some Redis clients' reads) swallows a cancellation that
+        # races a completed read, and the listener would then run forever.
+        # asyncio.wait never raises the task's CancelledError, and lets a
+        # cancellation of the caller through.
+        while not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=1.0)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("cancel listener ended with %r", task.exception())
 
     async def token(
         self, target_id: str, *, lineage: Sequence[str] = (), parent: CancelToken | None = None

@@ -36,7 +36,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.fixture
 def gateways(tmp_path: Path, redis_server: RedisServer) -> Iterator[list[Gateway]]:
-    """Starts ``relay gateway`` processes on demand: ``gateways.append(...)`` via ``start_gateway``."""
+    """The gateway processes a test started (see ``start_gateway``); stopped at the end."""
     started: list[Gateway] = []
     yield started
     for gw in started:

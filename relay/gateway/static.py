@@ -1,30 +1,123 @@
 """The live console: static HTML, CSS and JavaScript shipped in the package.
 
 No build step and no CDN: the files under ``relay/static`` are served as they
-are, so the console works on an offline machine.
+are, so the console works on an offline machine. Every response is
+``no-cache`` (the browser revalidates, so an upgraded gateway serves the new
+console at once) and carries a Content-Security-Policy that allows nothing but
+the gateway itself.
+
+``GET /api/v1/requests`` lists the requests that published recently (newest
+first, with their outcome and whether a budget decision is pending), so a
+console opened in the middle of a run also shows requests that are quiet right
+now, such as one paused for a budget decision.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from importlib import resources
+from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.staticfiles import PathLike, StaticFiles
+from starlette.types import Scope
+
+from ..keys import Keys
+
+CONSOLE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+        "frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
+    ),
+}
+
+RECENT_WINDOW_SECONDS = 24 * 3600
+RECENT_MAX = 200
 
 
 def _static_dir() -> str:
     return str(resources.files("relay").joinpath("static"))
 
 
+class _ConsoleFiles(StaticFiles):
+    """``StaticFiles`` with the console's headers on every file."""
+
+    def file_response(
+        self,
+        full_path: PathLike,
+        stat_result: os.stat_result,
+        scope: Scope,
+        status_code: int = 200,
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers.update(CONSOLE_HEADERS)
+        return response
+
+
 async def index(request: Request) -> Response:
-    return FileResponse(f"{_static_dir()}/index.html", media_type="text/html")
+    """The console page."""
+    return FileResponse(
+        f"{_static_dir()}/index.html", media_type="text/html", headers=CONSOLE_HEADERS
+    )
+
+
+def _int_param(request: Request, name: str, default: int, upper: int) -> int:
+    try:
+        return max(1, min(upper, int(request.query_params.get(name, default))))
+    except ValueError:
+        return default
+
+
+async def recent_requests(request: Request) -> Response:
+    """Requests that published in the last ``window`` seconds, newest first (at most ``limit``)."""
+    services: Any = request.app.state.services
+    redis = services.redis
+    keys = Keys(services.config.redis.tenant)
+    limit = _int_param(request, "limit", 50, RECENT_MAX)
+    window = _int_param(request, "window", RECENT_WINDOW_SECONDS, RECENT_WINDOW_SECONDS)
+    floor = int((time.time() - window) * 1000)
+    try:
+        rows = await redis.zrevrangebyscore(
+            keys.active, "+inf", floor, start=0, num=limit, withscores=True
+        )
+        pipe = redis.pipeline(transaction=False)
+        ids = [r.decode() if isinstance(r, bytes) else str(r) for r, _ in rows]
+        for rid in ids:
+            rk = keys.request(rid)
+            pipe.exists(rk.pending)
+            pipe.hget(rk.state, "outcome")
+            pipe.hget(rk.state, "budget")
+        replies = await pipe.execute()
+    except RedisError as exc:
+        frame = {"type": "error", "code": "unavailable", "message": f"Redis is unavailable: {exc}"}
+        return JSONResponse(frame, status_code=503)
+    items: list[dict[str, Any]] = []
+    for i, (rid, (_, score)) in enumerate(zip(ids, rows, strict=True)):
+        pending, outcome, budget = replies[3 * i : 3 * i + 3]
+        items.append(
+            {
+                "request_id": rid,
+                "last_ts": int(score),
+                "budget_pending": bool(pending),
+                "outcome": json.loads(outcome) if outcome else None,
+                "budget": json.loads(budget) if budget else None,
+            }
+        )
+    return JSONResponse({"requests": items}, headers={"Cache-Control": "no-store"})
 
 
 def console_routes() -> list[BaseRoute]:
     """``/`` (the console page) and ``/static/*`` (its assets)."""
     return [
         Route("/", index),
-        Mount("/static", app=StaticFiles(directory=_static_dir()), name="static"),
+        Route("/api/v1/requests", recent_requests),
+        Mount("/static", app=_ConsoleFiles(directory=_static_dir()), name="static"),
     ]

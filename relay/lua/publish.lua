@@ -19,8 +19,9 @@
 --
 -- Returns {epoch, ts, first_seq, last_seq}.
 --
--- Each event JSON must be a compact object without request_id/seq/ts keys;
--- the frame is that object with ,"request_id":..,"seq":..,"ts":.. appended.
+-- Each event JSON must be a compact object without seq/ts keys (and without
+-- request_id unless it is a field of the event, then equal to ARGV[1]); the
+-- frame is that object with ,"request_id":..,"seq":..,"ts":.. appended.
 -- The channel message is a one-line header then the frame:
 --   "<epoch> <seq> <request_id> <type> <ts>\n<frame>"
 
@@ -134,8 +135,13 @@ for i = 10, #ARGV, 2 do
   local body = ARGV[i + 1]
   seq = redis.call('INCR', KEYS[1])
   if not first_seq then first_seq = seq end
-  local frame = string.sub(body, 1, -2) .. ',"request_id":"' .. rid .. '","seq":' .. seq
-    .. ',"ts":' .. ts .. '}'
+  -- Budget and synthesis events carry request_id as a field of their own:
+  -- keep that one rather than writing the key twice.
+  local tail = ',"seq":' .. seq .. ',"ts":' .. ts .. '}'
+  if not string.find(body, '"request_id":"' .. rid .. '"', 1, true) then
+    tail = ',"request_id":"' .. rid .. '"' .. tail
+  end
+  local frame = string.sub(body, 1, -2) .. tail
   if i + 1 == #ARGV then
     redis.call('XADD', KEYS[3], 'MAXLEN', hist_max, seq .. '-0', 'f', frame, 'p', ARGV[8])
   else

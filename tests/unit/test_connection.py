@@ -137,7 +137,9 @@ async def running(
         await asyncio.wait_for(task, 5)
 
 
-async def test_firehose_by_default_and_duplicates_dropped(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+async def test_firehose_by_default_and_duplicates_dropped(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
     rid = str(uuid.uuid4())
     async with running(fake_redis) as h:
         await h.until(lambda: h.conn in h.hub.firehose)
@@ -159,7 +161,9 @@ async def test_a_gap_is_filled_from_history(fake_redis: fakeredis.FakeAsyncRedis
         assert h.ws.events(rid) == [1, 2, 3, 4, 5, 6]
 
 
-async def test_stalled_client_drops_oldest_then_catches_up(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+async def test_stalled_client_drops_oldest_then_catches_up(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
     rid = str(uuid.uuid4())
     async with running(fake_redis, send_queue_max=10) as h:
         first = await h.publish(rid, 1)
@@ -244,7 +248,9 @@ async def test_subscribe_via_query_parameters(fake_redis: fakeredis.FakeAsyncRed
         await h.until(lambda: h.ws.events(rid) == [2, 3])
 
 
-async def test_resume_with_a_stale_epoch_is_told_to_resync(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+async def test_resume_with_a_stale_epoch_is_told_to_resync(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
     rid = str(uuid.uuid4())
     async with running(fake_redis) as h:
         await h.publish(rid, 3)
@@ -273,8 +279,9 @@ async def test_stream_reset_restarts_the_sequence(fake_redis: fakeredis.FakeAsyn
 async def test_snapshot_then_live(fake_redis: fakeredis.FakeAsyncRedis) -> None:
     rid = str(uuid.uuid4())
     async with running(fake_redis) as h:
-        await h.client.publish(rid, {"type": "agent_spawned", "agent_id": AGENT, "parent_id": None,
-                                     "task_description": "t", "depth": 0, "index": 0, "total": 1})  # fmt: skip
+        spawned = {"type": "agent_spawned", "agent_id": AGENT, "parent_id": None,
+                   "task_description": "t", "depth": 0, "index": 0, "total": 1}  # fmt: skip
+        await h.client.publish(rid, spawned)
         h.ws.client_sends({"type": "subscribe", "request_id": rid, "snapshot": True})
         await h.until(lambda: bool(h.ws.of_type("snapshot")))
         snap = h.ws.of_type("snapshot")[0]
@@ -290,8 +297,9 @@ async def test_workflow_filter(fake_redis: fakeredis.FakeAsyncRedis) -> None:
         h.ws.client_sends({"type": "subscribe_workflow", "run_id": run_a})
         await h.until(lambda: bool(h.ws.of_type("workflow_subscribed")))
         for run in (run_a, run_b):
-            await h.client.publish(rid, {"type": "workflow_run_started", "run_id": run,
-                                         "workflow_name": "w", "trigger_type": "manual"})  # fmt: skip
+            started = {"type": "workflow_run_started", "run_id": run, "workflow_name": "w",
+                       "trigger_type": "manual"}  # fmt: skip
+            await h.client.publish(rid, started)
         envs = await h.publish(rid, 1)
         pos = await h.hub.store.position(rid)
         assert pos.epoch

@@ -41,7 +41,9 @@ def test_tenant_names_are_validated() -> None:
         validate_tenant("a:b")
 
 
-async def test_seq_is_assigned_atomically_and_never_reused(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+async def test_seq_is_assigned_atomically_and_never_reused(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
     client = RelayClient(fake_redis, owns_connection=False)
     seqs = await asyncio.gather(
         *(client.publish(RID, {"type": "agent_text_delta", "agent_id": ROOT, "text": str(i)})
@@ -52,7 +54,9 @@ async def test_seq_is_assigned_atomically_and_never_reused(fake_redis: fakeredis
     assert [int(eid.split(b"-")[0]) for eid, _ in history] == list(range(1, 51))
 
 
-async def test_frame_is_the_event_plus_request_id_seq_ts(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+async def test_frame_is_the_event_plus_request_id_seq_ts(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
     client = RelayClient(fake_redis, owns_connection=False)
     pubsub = fake_redis.pubsub()
     await pubsub.subscribe(client.keys.request_channel(RID))
@@ -92,8 +96,9 @@ async def test_state_tracks_agents_budget_and_outcome(fake_redis: fakeredis.Fake
     await client.publish(RID, {"type": "budget_update", "request_id": RID, "tokens_used": 10,
                                "budget_total": 100, "percentage": 10.0})  # fmt: skip
     await client.publish(RID, {"type": "agent_cancelled", "agent_id": CHILD, "reason": "r"})
-    await client.publish(RID, {"type": "agent_completed", "agent_id": ROOT,
-                               "result_summary": "ok", "tokens_used": 9, "duration_ms": 5})  # fmt: skip
+    done = {"type": "agent_completed", "agent_id": ROOT, "result_summary": "ok",
+            "tokens_used": 9, "duration_ms": 5}  # fmt: skip
+    await client.publish(RID, done)
     state = await fake_redis.hgetall(client.keys.request(RID).state)
     child = json.loads(state[f"a:{CHILD}".encode()])
     assert child["status"] == "cancelled" and child["parent_id"] == ROOT
@@ -142,3 +147,15 @@ async def test_publish_error_after_the_retry_bound(monkeypatch: pytest.MonkeyPat
     with pytest.raises(PublishError, match="failed after"):
         await client.publish(RID, {"type": "agent_text_delta", "agent_id": ROOT, "text": "x"})
     await dead.aclose()
+
+
+async def test_an_event_with_its_own_request_id_has_it_once(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    client = RelayClient(fake_redis, owns_connection=False)
+    await client.publish(RID, {"type": "synthesis_started", "request_id": RID})
+    [(_, fields)] = await fake_redis.xrange(client.keys.request(RID).history)
+    frame = fields[b"f"].decode()
+    assert frame.count('"request_id"') == 1
+    assert json.loads(frame) == {"type": "synthesis_started", "request_id": RID, "seq": 1,
+                                 "ts": json.loads(frame)["ts"]}  # fmt: skip

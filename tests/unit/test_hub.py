@@ -1,0 +1,124 @@
+"""The hub: one pub/sub connection, refcounted channels, one parse per event."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import fakeredis
+import pytest
+
+from relay.client import RelayClient
+from relay.config import GatewayConfig, GlobalConfig
+from relay.gateway.envelope import Envelope
+from relay.gateway.hub import Hub
+from relay.gateway.metrics import Metrics
+
+AGENT = str(uuid.uuid4())
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.got: list[Envelope] = []
+        self.resets: list[tuple[str, str | None, str]] = []
+
+    def offer(self, envelope: Envelope) -> None:
+        self.got.append(envelope)
+
+    def stream_reset(self, request_id: str, epoch: str | None, reason: str) -> None:
+        self.resets.append((request_id, epoch, reason))
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[Hub]:
+    server = fakeredis.FakeServer()
+    commands = fakeredis.FakeAsyncRedis(server=server)
+    pubsub = fakeredis.FakeAsyncRedis(server=server)
+    config = GlobalConfig(gateway=GatewayConfig(probe_interval=0.1, probe_timeout=0.5))
+    hub = Hub(config, commands, pubsub, Metrics())
+    await hub.start()
+    async with asyncio.timeout(5):
+        while not hub.ready:
+            await asyncio.sleep(0.01)
+    yield hub
+    await hub.close()
+    await commands.aclose()
+    await pubsub.aclose()
+
+
+async def until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def numsub(hub: Hub, channel: str) -> int:
+    counts = await hub.redis.pubsub_numsub(channel)
+    return int(counts[0][1])
+
+
+async def test_channels_are_reference_counted(hub: Hub) -> None:
+    rid = str(uuid.uuid4())
+    channel = hub.keys.request_channel(rid)
+    a, b = Recorder(), Recorder()
+    await hub.watch(rid, a)
+    await hub.watch(rid, b)
+    assert await numsub(hub, channel) == 1
+    await hub.unwatch(rid, a)
+    assert await numsub(hub, channel) == 1
+    await hub.unwatch(rid, b)
+    await until(lambda: channel not in hub._live)
+    assert await numsub(hub, channel) == 0
+
+
+async def test_one_envelope_object_is_shared_by_every_subscriber(hub: Hub) -> None:
+    rid = str(uuid.uuid4())
+    a, b, everything = Recorder(), Recorder(), Recorder()
+    await hub.watch(rid, a)
+    await hub.watch(rid, b)
+    await hub.watch_all(everything)
+    client = RelayClient(hub.redis, owns_connection=False)
+    for i in range(3):
+        await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": str(i)})
+    await until(lambda: len(a.got) == 3 and len(everything.got) == 3)
+    await asyncio.sleep(0.1)  # the firehose copy of each event must not arrive twice
+    assert [e.seq for e in a.got] == [1, 2, 3]
+    assert [e.seq for e in everything.got] == [1, 2, 3]
+    assert all(x is y for x, y in zip(a.got, b.got, strict=True))
+    assert all(x is y for x, y in zip(a.got, everything.got, strict=True))
+
+
+async def test_only_watched_requests_are_delivered(hub: Hub) -> None:
+    watched, other = str(uuid.uuid4()), str(uuid.uuid4())
+    sub = Recorder()
+    await hub.watch(watched, sub)
+    client = RelayClient(hub.redis, owns_connection=False)
+    await client.publish(other, {"type": "agent_text_delta", "agent_id": AGENT, "text": "x"})
+    await client.publish(watched, {"type": "agent_text_delta", "agent_id": AGENT, "text": "y"})
+    await until(lambda: len(sub.got) == 1)
+    assert sub.got[0].request_id == watched
+
+
+async def test_readiness_follows_the_probe(hub: Hub) -> None:
+    assert hub.ready
+    assert hub.status()["pubsub_connected"] is True
+    hub._last_probe_rx -= 10  # as if the probe stopped coming back
+    assert not hub.ready
+
+
+async def test_a_dead_listener_is_rebuilt_and_backfills(hub: Hub) -> None:
+    rid = str(uuid.uuid4())
+    sub = Recorder()
+    await hub.watch(rid, sub)
+    client = RelayClient(hub.redis, owns_connection=False)
+    await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "a"})
+    await until(lambda: len(sub.got) == 1)
+    before = hub.reconnects
+    assert hub._pubsub is not None
+    await hub._pubsub.aclose()  # the connection dies under the reader
+    await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "b"})
+    await until(lambda: hub.reconnects > before and hub.ready)
+    await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "c"})
+    await until(lambda: len(sub.got) == 3)
+    assert [e.seq for e in sub.got] == [1, 2, 3]

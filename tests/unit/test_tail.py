@@ -1,0 +1,195 @@
+"""The terminal rendering (TreeRenderer) and the console's bookkeeping, without a terminal."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from relay.render import TreeRenderer, format_tokens
+from relay.tail import Console
+
+RID = "5b0e5a4e-6a43-4a57-9f39-1a2b3c4d5e6f"
+OTHER = "9c1d2e3f-0000-4000-8000-000000000000"
+ROOT, A, B, C, A1, A2 = (f"{i}{i}{i}{i}{i}{i}{i}{i}-0000-4000-8000-000000000000" for i in range(6))
+seq = 0
+
+
+def frame(kind: str, rid: str = RID, **fields: Any) -> dict[str, Any]:
+    global seq
+    seq += 1
+    return {"type": kind, **fields, "request_id": rid, "seq": seq, "ts": 1}
+
+
+def spawned(agent: str, parent: str | None, index: int = 0, total: int = 1, task: str = "t",
+            depth: int = 0) -> dict[str, Any]:  # fmt: skip
+    return frame("agent_spawned", agent_id=agent, parent_id=parent, task_description=task,
+                 depth=depth, index=index, total=total)  # fmt: skip
+
+
+def feed_all(renderer: TreeRenderer, frames: list[dict[str, Any]]) -> list[str]:
+    return [line for f in frames for line in renderer.feed(f)]
+
+
+def test_spawn_batches_draw_a_box_tree() -> None:
+    lines = feed_all(TreeRenderer(), [
+        spawned(ROOT, None, task="Answer"),
+        spawned(A, ROOT, 0, 3, "Research", 1),
+        spawned(B, ROOT, 1, 3, "Compare", 1),
+        spawned(C, ROOT, 2, 3, "Summarize", 1),
+        spawned(A1, A, 0, 2, "Dig", 2),
+        spawned(A2, A, 1, 2, "Verify", 2),
+        spawned(B + "x", C, 0, 1, "Check", 2),
+    ])  # fmt: skip
+    assert lines == [
+        "Answer [00000000]",
+        "├── Research [11111111] (1/3)",
+        "├── Compare [22222222] (2/3)",
+        "└── Summarize [33333333] (3/3)",
+        "│   ├── Dig [44444444] (1/2)",
+        "│   └── Verify [55555555] (2/2)",
+        "    └── Check [22222222]",
+    ]
+
+
+def test_status_lines_sit_below_their_agent() -> None:
+    r = TreeRenderer()
+    feed_all(r, [spawned(ROOT, None), spawned(A, ROOT, 0, 2), spawned(A1, A, 0, 1)])
+    assert r.feed(frame("agent_failed", agent_id=A1, error="boom", will_retry=True)) == [
+        "│       ✗ [44444444] failed: boom (will retry)"
+    ]
+    assert r.feed(frame("agent_cancelled", agent_id=A, reason="cancelled by user")) == [
+        "│   ⊘ [11111111] cancelled: cancelled by user"
+    ]
+    assert r.feed(frame("depth_limit_reached", agent_id=A1, attempted_depth=4, max_depth=3)) == [
+        "│       ! [44444444] depth limit reached: depth 4 > max 3"
+    ]
+    assert r.feed(frame("cycle_detected", agent_id=ROOT, cycle_description="a -> b -> a")) == [
+        "↻ [00000000] cycle detected: a -> b -> a"
+    ]
+    (done,) = r.feed(frame("agent_completed", agent_id=ROOT, result_summary="x" * 100,
+                           tokens_used=12_450, duration_ms=1_500))  # fmt: skip
+    assert done.startswith("✓ [00000000] completed in 1.5s, 12,450 tokens: xxx")
+    assert done.endswith("...") and len(done) < 120
+
+
+def test_events_of_unknown_agents_still_render() -> None:
+    (line,) = TreeRenderer().feed(frame("agent_cancelled", agent_id=A, reason="r"))
+    assert line == "⊘ [11111111] cancelled: r"
+    (line,) = TreeRenderer().feed(spawned(A1, A, 0, 2, "Orphan", 2))
+    assert line == "Orphan [44444444]", "a child whose parent was never seen starts a tree"
+
+
+def test_token_counter_formatting() -> None:
+    assert format_tokens(12_450, 500_000) == "[tokens: 12,450 / 500,000]"
+    assert format_tokens(0, 10_000) == "[tokens: 0 / 10,000]"
+    live = TreeRenderer(live_counter=True)
+    update = frame("budget_update", tokens_used=12_450, budget_total=500_000, percentage=2.49)
+    assert live.feed(update) == []
+    assert live.counter == "[tokens: 12,450 / 500,000]"
+
+
+def test_without_a_live_counter_it_prints_every_tenth_of_the_budget() -> None:
+    r = TreeRenderer()
+    out = feed_all(r, [
+        frame("budget_update", tokens_used=used, budget_total=100_000, percentage=used / 1_000)
+        for used in (5_000, 9_000, 10_000, 15_000, 31_000, 32_000)
+    ])  # fmt: skip
+    assert out == ["[tokens: 10,000 / 100,000]", "[tokens: 31,000 / 100,000]"]
+
+
+def test_request_level_lines() -> None:
+    r = TreeRenderer(live_counter=True)
+    assert r.feed(frame("synthesis_started")) == ["» synthesis started"]
+    assert r.feed(frame("budget_warning", tokens_used=400_000, budget_total=500_000)) == [
+        "⚠ budget warning [tokens: 400,000 / 500,000]"
+    ]
+    assert r.feed(frame("budget_decision", decision="continue", decided_by="timeout")) == [
+        "budget decision: continue (by timeout)"
+    ]
+    exhausted = frame("budget_exhausted", tokens_used=500_001, budget_total=500_000,
+                      completed_agents=[A, B], incomplete_agents=[C])  # fmt: skip
+    assert r.feed(exhausted) == [
+        "■ budget exhausted [tokens: 500,001 / 500,000]: 2 completed, 1 incomplete"
+    ]
+    assert r.feed({"type": "lagged", "request_id": RID, "skipped": 12}) == [
+        "… lagged: 12 events of 5b0e5a4e skipped"
+    ]
+    assert r.feed({"type": "resync_required", "request_id": RID, "reason": "history_trimmed"}) == [
+        "↺ resync required for 5b0e5a4e: history_trimmed"
+    ]
+    pending = {
+        "type": "budget_pending",
+        "request_id": RID,
+        "tokens_used": 1,
+        "budget_total": 10_000,
+    }
+    assert r.feed(pending) == ["⏸ budget decision pending [tokens: 1 / 10,000]"]
+    assert r.feed({"type": "error", "code": "no_pending_decision", "message": "none"}) == [
+        "error no_pending_decision: none"
+    ]
+    assert r.feed({"type": "pong"}) == []
+    assert r.feed(frame("agent_text_delta", agent_id=A, text="hello")) == []
+
+
+def test_lines_name_their_request_once_several_interleave() -> None:
+    r = TreeRenderer()
+    assert r.feed(frame("synthesis_started")) == ["» synthesis started"]
+    assert r.feed(frame("synthesis_started", rid=OTHER)) == ["[9c1d2e3f] » synthesis started"]
+
+
+def console(**kw: Any) -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console("ws://unused", request_ids=[RID], out=out, **kw), out
+
+
+def test_console_tracks_the_resume_point_per_request() -> None:
+    c, _ = console()
+    c.on_message(json.dumps({"type": "subscribed", "request_id": RID, "epoch": "e1", "seq": 7}))
+    assert c.last_seq == {RID: 7} and c.epoch == {RID: "e1"}
+    c.on_message(json.dumps(frame("synthesis_started") | {"seq": 8}))
+    assert c.last_seq[RID] == 8
+    c.on_message(json.dumps({"type": "resync_required", "request_id": RID, "epoch": "e2",
+                             "reason": "epoch_changed"}))  # fmt: skip
+    assert c.last_seq[RID] == 0 and c.epoch[RID] == "e2"
+    c.on_message("not json")  # ignored, like the original clients
+    resumed, _ = console(after_seq=3)
+    resumed.on_message(json.dumps({"type": "subscribed", "request_id": RID, "seq": 9}))
+    assert resumed.last_seq == {RID: 3}, "an explicit resume point is kept until events arrive"
+
+
+def test_console_json_mode_prints_raw_frames() -> None:
+    c, out = console(raw_json=True)
+    text = json.dumps(frame("synthesis_started"))
+    c.on_message(text)
+    assert out.getvalue() == text + "\n"
+
+
+def test_console_answers_a_budget_pause_from_a_typed_line() -> None:
+    c, out = console(interactive=True)
+    c.on_message(json.dumps(frame("budget_warning", tokens_used=8, budget_total=10)))
+    assert c.prompts == [RID]
+    c.answer("maybe\n")
+    assert c.prompts == [RID], "an unclear answer asks again"
+    c.answer("y\n")
+    assert c.prompts == []
+    sent = c._outbox.get_nowait()
+    assert sent == {"type": "budget_continue", "request_id": RID, "command_id": "tail-1"}
+    assert "⚠ budget warning" in out.getvalue()
+
+
+def test_console_drops_a_prompt_decided_elsewhere() -> None:
+    c, _ = console(interactive=True)
+    c.on_message(json.dumps({"type": "budget_pending", "request_id": RID, "tokens_used": 8,
+                             "budget_total": 10}))  # fmt: skip
+    assert c.prompts == [RID]
+    c.on_message(json.dumps(frame("budget_decision", decision="stop", decided_by="timeout")))
+    assert c.prompts == []
+    c.answer("n\n")
+    assert c._outbox.empty(), "nothing is pending any more, so nothing is sent"
+
+
+def test_console_never_prompts_without_input() -> None:
+    c, _ = console(interactive=False)
+    c.on_message(json.dumps(frame("budget_warning", tokens_used=8, budget_total=10)))
+    assert c.prompts == []
