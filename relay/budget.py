@@ -2,38 +2,47 @@
 
 A request's budget is one Redis hash, so agents of one request running on
 several hosts draw from the same budget and the warning fires exactly once
-across all of them (see ``lua/budget_add.lua``).
+across all of them (``lua/budget_add.lua``).
 
 A budget pause with a deadline:
 
 1. the orchestrator marks the pause pending (``lua/budget_open.lua``), then
    publishes ``budget_warning`` so every viewer can answer;
 2. any gateway answers with ``lua/budget_answer.lua``: the first answer
-   deletes the pending marker and pushes ``<pause_id>:<decision>`` onto the
-   request's decision list; later answers find no marker and are refused
-   (``no_pending_decision``), so they can never leak into a later pause;
-3. the orchestrator blocks on the list (BLPOP) until the deadline, then
-   closes the pause with ``lua/budget_timeout.lua``, which applies the
-   configured default unless an answer won the race;
-4. the orchestrator publishes ``budget_decision`` with who decided.
+   deletes the pending marker, records ``client:<decision>`` for the pause id
+   in the ``decided`` hash and pushes a wake-up; later answers find no marker
+   (or, when they name a ``pause_id``, a different one) and are refused with
+   ``no_pending_decision``, so they can never leak into a later pause;
+3. every waiter of the pause (the agent that opened it, and agents on other
+   hosts that learn of it from ``add()``) blocks on the wake-up list in short
+   slices and reads the decision from the hash, so all of them see the same
+   answer; at the deadline ``lua/budget_timeout.lua`` closes the pause with
+   the configured default unless an answer won the race;
+4. the orchestrator that opened it publishes ``budget_decision`` with who
+   decided.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .config import MIN_REQUEST_BUDGET, BudgetConfig
 from .events import BudgetDecision, BudgetWarning
 from .keys import Keys
 from .scripts import script
+
+log = logging.getLogger(__name__)
 
 Decision = Literal["continue", "stop"]
 PublishFn: TypeAlias = Callable[[BudgetWarning | BudgetDecision], Awaitable[object]]
@@ -41,6 +50,7 @@ PublishFn: TypeAlias = Callable[[BudgetWarning | BudgetDecision], Awaitable[obje
 DECISION_LIST_TTL = 300
 BLPOP_SLICE = 1.0
 """Longest single BLPOP of a pause, in seconds (below any sane socket timeout)."""
+U32_MAX = 2**32 - 1
 
 
 class BudgetStatus(enum.Enum):
@@ -58,6 +68,8 @@ class BudgetState:
     status: BudgetStatus
     used: int
     total: int
+    paused: bool = False
+    """A budget pause of the request is open (maybe opened on another host)."""
 
     @property
     def percentage(self) -> float:
@@ -73,7 +85,7 @@ class PauseOutcome:
 
 
 class NoPendingDecision(Exception):
-    """An answer arrived when no budget pause was pending for the request."""
+    """An answer arrived when no budget pause (or another one) was pending."""
 
 
 class RequestBudget:
@@ -102,21 +114,30 @@ class RequestBudget:
         self._rk = keys.request(request_id)
 
     async def add(self, tokens: int) -> BudgetState:
-        """Add ``tokens`` atomically; returns ok, warning (exactly once) or exhausted."""
+        """Add ``tokens`` atomically; returns ok, warning (exactly once) or exhausted.
+
+        ``paused`` on the result says a budget pause of this request is open:
+        call :meth:`join_pause` before spending more.
+        """
         if tokens < 0:
             raise ValueError("tokens: must be >= 0")
-        status, used, total = await script("budget_add")(
+        status, used, total, paused = await script("budget_add")(
             self.redis,
-            [self._rk.budget],
+            [self._rk.budget, self._rk.pending],
             [tokens, self.total, self.config.warning_threshold, self.ttl_seconds],
         )
         kind = status.decode() if isinstance(status, bytes) else str(status)
-        return BudgetState(BudgetStatus(kind), int(used), int(total))
+        return BudgetState(BudgetStatus(kind), int(used), int(total), bool(int(paused)))
 
     async def used(self) -> int:
         """Tokens used so far by the whole request."""
         raw = await self.redis.hget(self._rk.budget, "used")
         return int(raw or 0)
+
+    async def pending(self) -> dict[str, Any] | None:
+        """The open pause of this request, if any."""
+        raw = await self.redis.get(self._rk.pending)
+        return json.loads(raw) if raw is not None else None
 
     async def pause(
         self,
@@ -128,13 +149,15 @@ class RequestBudget:
     ) -> PauseOutcome:
         """Pause for a decision: mark pending, publish the warning, wait, publish the outcome.
 
-        ``publish`` publishes one event for this request (``RelayClient.publish``
-        bound to the request). Returns the decision and who made it.
+        If another agent already paused the request, this waits on that pause
+        instead and publishes nothing. If this call is cancelled or fails, the
+        pause it opened is closed with the default, so no answer is
+        acknowledged for a pause nobody waits on any more.
         """
         timeout = self.config.decision_timeout_seconds if timeout is None else timeout
         default = default or self.config.timeout_decision
-        pause_id = uuid.uuid4().hex
         now_ms = int(time.time() * 1000)
+        pause_id = uuid.uuid4().hex
         pause = {
             "pause_id": pause_id,
             "tokens_used": state.used,
@@ -149,71 +172,111 @@ class RequestBudget:
             [json.dumps(pause), int(timeout * 1000) + 30_000],
         )
         if not int(opened):
-            # Another agent of this request already paused it; wait on that pause.
-            pause_id = json.loads(current)["pause_id"]
-        else:
+            return await self._wait(json.loads(current))
+        try:
             await publish(
                 BudgetWarning(
                     request_id=uuid.UUID(self.request_id),
-                    tokens_used=min(state.used, 2**32 - 1),
-                    budget_total=min(state.total, 2**32 - 1),
+                    tokens_used=min(state.used, U32_MAX),
+                    budget_total=min(state.total, U32_MAX),
                 )
             )
-        outcome = await self._await_decision(pause_id, timeout, default)
-        if int(opened):
-            await publish(
-                BudgetDecision(
-                    request_id=uuid.UUID(self.request_id),
-                    decision=outcome.decision,
-                    decided_by=outcome.decided_by,
-                )
+            outcome = await self._await_decision(pause_id, time.monotonic() + timeout, default)
+        except BaseException:
+            # Shielded: even while this task is being cancelled, the pause
+            # must not stay open with nobody left to read its answer.
+            await asyncio.shield(self._close(pause_id, default))
+            raise
+        await publish(
+            BudgetDecision(
+                request_id=uuid.UUID(self.request_id),
+                decision=outcome.decision,
+                decided_by=outcome.decided_by,
             )
+        )
         return outcome
 
+    async def join_pause(self) -> PauseOutcome | None:
+        """Wait until the request's open pause is decided; None when none is open.
+
+        This is how agents that did not open the pause (on this host or
+        another) honour it.
+        """
+        current = await self.pending()
+        return None if current is None else await self._wait(current)
+
+    async def _wait(self, pause: dict[str, Any]) -> PauseOutcome:
+        left = max(0.0, int(pause.get("deadline_ts", 0)) / 1000 - time.time())
+        default = _decision(str(pause.get("timeout_decision", self.config.timeout_decision)))
+        return await self._await_decision(str(pause["pause_id"]), time.monotonic() + left, default)
+
     async def _await_decision(
-        self, pause_id: str, timeout: float, default: Decision
+        self, pause_id: str, deadline: float, default: Decision
     ) -> PauseOutcome:
-        deadline = time.monotonic() + timeout
-        prefix = f"{pause_id}:"
         while (left := deadline - time.monotonic()) > 0:
-            # BLPOP takes fractional seconds since Redis 6; keep a floor so a
-            # tiny remainder does not become "block forever" (0), and a ceiling
-            # below the client's socket timeout, which a longer block would hit.
-            got = await self.redis.blpop(
-                [self._rk.decision], timeout=min(max(left, 0.01), BLPOP_SLICE)
-            )
-            if got is None:
+            try:
+                # BLPOP takes fractional seconds since Redis 6; keep a floor so
+                # a tiny remainder does not become "block forever" (0), and a
+                # ceiling below the client's socket timeout. A wake-up only says
+                # "look": the decision is read from the hash, so every waiter of
+                # the pause sees it, not only the one that popped the wake-up.
+                await self.redis.blpop(
+                    [self._rk.decision], timeout=min(max(left, 0.01), BLPOP_SLICE)
+                )
+                done = await self.redis.hget(self._rk.decided, pause_id)
+            except RedisError as exc:
+                # A hiccup must not end the pause early: retry until the deadline.
+                log.warning(
+                    "waiting for a budget decision: %s",
+                    exc,
+                    extra={"request_id": self.request_id},
+                )
+                await asyncio.sleep(min(0.2, left))
                 continue
-            raw = got[1]
-            value = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if value.startswith(prefix):
-                return PauseOutcome(_decision(value[len(prefix) :]), "client")
+            if done is not None:
+                return _outcome(done)
+        return await self._close(pause_id, default)
+
+    async def _close(self, pause_id: str, default: Decision) -> PauseOutcome:
+        """Close the pause with ``default`` unless it was answered; returns the outcome."""
         result = await script("budget_timeout")(
-            self.redis, [self._rk.pending, self._rk.decision], [pause_id]
+            self.redis,
+            [self._rk.pending, self._rk.decision, self._rk.decided],
+            [pause_id, default, DECISION_LIST_TTL],
         )
-        kind = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
-        if kind == "client":
-            return PauseOutcome(_decision(result[1].decode()), "client")
-        return PauseOutcome(default, "timeout")
+        by, decision = (v.decode() if isinstance(v, bytes) else str(v) for v in result)
+        return PauseOutcome(_decision(decision), "client" if by == "client" else "timeout")
 
 
 def _decision(value: str) -> Decision:
-    if value == "continue":
-        return "continue"
-    return "stop"
+    return "continue" if value == "continue" else "stop"
+
+
+def _outcome(raw: bytes | str) -> PauseOutcome:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    by, _, decision = text.partition(":")
+    return PauseOutcome(_decision(decision), "client" if by == "client" else "timeout")
 
 
 async def answer_budget(
-    redis: Redis, keys: Keys, request_id: str, decision: Decision
+    redis: Redis,
+    keys: Keys,
+    request_id: str,
+    decision: Decision,
+    pause_id: str | None = None,
 ) -> dict[str, object]:
     """Answer the request's pending pause; first answer wins.
 
+    With ``pause_id`` the answer applies only to that pause, so an answer
+    meant for a pause that already ended can never reach a later one.
     Returns the pause that was answered; raises :class:`NoPendingDecision`
-    when none is pending.
+    when none (or another one) is pending.
     """
     rk = keys.request(request_id)
     answered = await script("budget_answer")(
-        redis, [rk.pending, rk.decision], [decision, DECISION_LIST_TTL]
+        redis,
+        [rk.pending, rk.decision, rk.decided],
+        [decision, DECISION_LIST_TTL, pause_id or ""],
     )
     if not answered:
         raise NoPendingDecision(request_id)

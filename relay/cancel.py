@@ -86,8 +86,11 @@ class CancelToken:
         return await self.registry.token(agent_id, lineage=self.lineage)
 
     def cancel(self, reason: str = "cancelled", by: str | None = None) -> None:
-        """Cancel locally: this token and its local descendants (no Redis write)."""
-        self.registry._trigger(by or self.id, reason)
+        """Cancel locally: this token and its local descendants (no Redis write).
+
+        ``by`` is recorded as :attr:`cancelled_by` (default: this token's id).
+        """
+        self.registry._trigger(self.id, reason, by=by)
 
     async def announce(
         self, client: RelayClient, request_id: str, reason: str | None = None
@@ -116,6 +119,11 @@ class CancelRegistry:
         self.keys = keys
         self.poll_interval = poll_interval
         self._index: dict[str, set[CancelToken]] = {}
+        # Ids known to be cancelled while some live token carries them, so a
+        # child registered later below a locally cancelled token (no
+        # tombstone, or an expired one) starts cancelled too. Entries go with
+        # the last token that carries the id, so this stays bounded.
+        self._cancelled: dict[str, tuple[str, str]] = {}
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
 
@@ -151,9 +159,20 @@ class CancelRegistry:
         """
         base = parent.lineage if parent is not None else tuple(str(x) for x in lineage)
         tok = CancelToken(self, (*base, str(target_id)))
+        # Index first, then read the tombstones: a cancel written between the
+        # two is caught by the nudge, one written before by the read.
         for ident in tok.lineage:
             self._index.setdefault(ident, set()).add(tok)
-        await self._check(tok.lineage)
+        for ident in tok.lineage:
+            if (known := self._cancelled.get(ident)) is not None:
+                tok._fire(known[0], known[1])
+                break
+        try:
+            await self._check(tok.lineage)
+        except BaseException:
+            # The caller never gets this token, so nobody could release it.
+            self._unregister(tok)
+            raise
         return tok
 
     def _unregister(self, tok: CancelToken) -> None:
@@ -163,10 +182,15 @@ class CancelRegistry:
                 holders.discard(tok)
                 if not holders:
                     del self._index[ident]
+                    self._cancelled.pop(ident, None)
 
-    def _trigger(self, target_id: str, reason: str) -> None:
-        for tok in list(self._index.get(target_id, ())):
-            tok._fire(target_id, reason)
+    def _trigger(self, target_id: str, reason: str, by: str | None = None) -> None:
+        holders = self._index.get(target_id)
+        if not holders:
+            return
+        self._cancelled[target_id] = (by or target_id, reason)
+        for tok in list(holders):
+            tok._fire(by or target_id, reason)
 
     async def _check(self, ids: Iterable[str]) -> None:
         wanted = list(dict.fromkeys(ids))

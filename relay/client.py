@@ -31,6 +31,8 @@ from .keys import Keys
 from .scripts import is_noscript, script
 
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+ACTIVE_TRIM_EVERY = 256
+"""Publishes per client between trims of the tenant's activity index."""
 
 
 class PublishError(Exception):
@@ -92,6 +94,7 @@ class RelayClient:
         self.publish_retry_seconds = publish_retry_seconds
         self._owns = owns_connection
         self._script = script("publish")
+        self._publishes = 0
 
     @classmethod
     def from_url(
@@ -192,10 +195,17 @@ class RelayClient:
 
     async def _run(self, rid: str, keys: list[str], args: list[Any]) -> Published:
         for _ in range(2):
+            now_ms = int(time.time() * 1000)
             pipe = self.redis.pipeline(transaction=False)
             self._script.queue(pipe, keys, args)
-            pipe.zadd(self.keys.active, {rid: int(time.time() * 1000)})
-            result, _zadd = await pipe.execute(raise_on_error=False)
+            pipe.zadd(self.keys.active, {rid: now_ms})
+            self._publishes += 1
+            if self._publishes % ACTIVE_TRIM_EVERY == 0:
+                # Keep the activity index to the history's lifetime: requests
+                # idle for longer have nothing left to replay anyway.
+                horizon = now_ms - self.history.ttl_seconds * 1000
+                pipe.zremrangebyscore(self.keys.active, "-inf", horizon)
+            result, *_ = await pipe.execute(raise_on_error=False)
             if is_noscript(result):
                 await self._script.load(self.redis)
                 continue

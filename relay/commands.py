@@ -32,16 +32,27 @@ class CancelAgent(_Command):
 
     type: Literal["cancel_agent"]
     agent_id: UUID
+    reason: Annotated[str, Field(max_length=500)] = "cancelled by user"
 
 
 class BudgetContinue(_Command):
+    """Answer the pending budget pause: go on.
+
+    ``pause_id`` (relay extension, from ``budget_pending`` or the snapshot)
+    makes the answer apply to that pause only.
+    """
+
     type: Literal["budget_continue"]
     request_id: UUID
+    pause_id: Annotated[str, Field(max_length=64)] | None = None
 
 
 class BudgetStop(_Command):
+    """Answer the pending budget pause: stop (``pause_id`` as for continue)."""
+
     type: Literal["budget_stop"]
     request_id: UUID
+    pause_id: Annotated[str, Field(max_length=64)] | None = None
 
 
 class Ping(_Command):

@@ -8,13 +8,14 @@ Layout (``T`` is the tenant, ``R`` a request id, ``X`` an agent or request id)::
     relay:T:req:{R}:state        hash    snapshot state: agents, budget, outcome
     relay:T:req:{R}:budget       hash    shared token budget: used, total, warned
     relay:T:req:{R}:pending      string  the pending budget pause (JSON), if any
-    relay:T:req:{R}:decision     list    answers to the pending pause ("<pause_id>:<decision>")
+    relay:T:req:{R}:decision     list    wake-ups of pause waiters (pause ids)
+    relay:T:req:{R}:decided      hash    pause_id -> "client:<decision>" / "timeout:<decision>"
     relay:T:cancel:{X}           string  cancel tombstone for agent or request X
     relay:T:active               zset    request ids by last publish time (ms)
 
     relay:T:req:{R}:events       channel every frame of request R
     relay:T:events               channel every frame of the tenant (firehose)
-    relay:T:cancels              channel cancel nudges (payload: the cancelled id)
+    relay:T:cancels              channel cancel nudges (payload: the tombstone JSON)
     relay:probe:G                channel liveness probe of gateway G
 
 The part in braces is a Redis Cluster hash tag: every key of one request lands
@@ -53,6 +54,7 @@ class RequestKeys:
     budget: str
     pending: str
     decision: str
+    decided: str
     channel: str
 
     @property
@@ -85,6 +87,7 @@ class Keys:
             budget=f"{tag}:budget",
             pending=f"{tag}:pending",
             decision=f"{tag}:decision",
+            decided=f"{tag}:decided",
             channel=f"{tag}:events",
         )
 

@@ -213,6 +213,9 @@ class RequestRun:
                 self._begin_pause(state)
             elif state.status is BudgetStatus.EXHAUSTED:
                 await self._exhaust(state)
+            elif state.paused and self._gate.is_set():
+                # Another orchestrator process of this request paused it.
+                self._begin_pause(state, join=True)
         return True, used
 
     async def _proceed(self, token: CancelToken, *, delay: float) -> bool:
@@ -243,17 +246,25 @@ class RequestRun:
 
     # ------------------------------------------------------------ budget
 
-    def _begin_pause(self, state: BudgetState) -> None:
+    def _begin_pause(self, state: BudgetState, *, join: bool = False) -> None:
         # The pause belongs to the request, not to the agent that crossed the
         # threshold: that agent may be cancelled while the others still wait.
+        if self._pause is not None and not self._pause.done():
+            return
         self._gate.clear()
-        self._pause = asyncio.create_task(self._run_pause(state), name=f"pause-{self.rid}")
+        self._pause = asyncio.create_task(self._run_pause(state, join), name=f"pause-{self.rid}")
 
-    async def _run_pause(self, state: BudgetState) -> None:
+    async def _run_pause(self, state: BudgetState, join: bool) -> None:
         try:
-            outcome = await self.budget.pause(
-                self._publish_budget_event, state, timeout=self.decision_timeout
-            )
+            if join:
+                joined = await self.budget.join_pause()
+                if joined is None:
+                    return  # decided meanwhile
+                outcome = joined
+            else:
+                outcome = await self.budget.pause(
+                    self._publish_budget_event, state, timeout=self.decision_timeout
+                )
             self.decision = outcome
             if outcome.decision == "stop":
                 self._halt("stopped", f"stopped at the budget warning by {outcome.decided_by}")
@@ -291,8 +302,9 @@ class RequestRun:
         if not task.done():
             # Only a cancelled or exhausted run gets here: its decision is moot.
             # Close the pause too, so a late answer is refused instead of acked.
+            # pause() closes the pause it opened when cancelled, so a late
+            # answer is refused instead of acknowledged.
             await cancel_and_wait(task)
-            await self.client.redis.delete(self.client.keys.request(self.rid).pending)
             return
         await task  # re-raises a failure of the pause
 

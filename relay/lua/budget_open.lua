@@ -1,7 +1,7 @@
 -- relay budget open: mark a budget pause pending.
 --
 -- KEYS[1] pending  string  the pause (JSON with pause_id), expires after the deadline
--- KEYS[2] decision list    answers; cleared so nothing stale can leak in
+-- KEYS[2] wake     list    wake-ups for waiters; cleared of entries of older pauses
 -- ARGV[1] the pause as JSON
 -- ARGV[2] time to live in milliseconds
 --

@@ -1,21 +1,28 @@
--- relay budget timeout: close a pause whose deadline passed, unless it was answered.
+-- relay budget close: the outcome of a pause whose waiter stops waiting.
 --
 -- KEYS[1] pending  string
--- KEYS[2] decision list
+-- KEYS[2] wake     list
+-- KEYS[3] decided  hash
 -- ARGV[1] pause_id
+-- ARGV[2] the default decision ("continue" or "stop")
+-- ARGV[3] ttl seconds of the decided hash
 --
--- Returns {"timeout"} when the pause was still pending (now closed), or
--- {"client", decision} when an answer won the race against the deadline.
+-- If the pause was answered, returns {"client", decision} (also when the
+-- answer won the race against the deadline). If it is still pending, closes
+-- it with the default, records that for the other waiters, and returns
+-- {"timeout", default}. A pause that vanished without a decision (its marker
+-- expired) also yields {"timeout", default}.
+local done = redis.call('HGET', KEYS[3], ARGV[1])
+if done then
+  local by, decision = string.match(done, '^(%a+):(%a+)$')
+  return {by, decision}
+end
 local cur = redis.call('GET', KEYS[1])
 if cur and cjson.decode(cur)['pause_id'] == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  return {'timeout'}
+  redis.call('HSET', KEYS[3], ARGV[1], 'timeout:' .. ARGV[2])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
-local prefix = ARGV[1] .. ':'
-for _, value in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
-  if string.sub(value, 1, #prefix) == prefix then
-    redis.call('LREM', KEYS[2], 1, value)
-    return {'client', string.sub(value, #prefix + 1)}
-  end
-end
-return {'timeout'}
+return {'timeout', ARGV[2]}

@@ -16,6 +16,7 @@ from relay.budget import (
     BudgetState,
     BudgetStatus,
     NoPendingDecision,
+    PauseOutcome,
     RequestBudget,
     answer_budget,
 )
@@ -256,3 +257,105 @@ async def test_timeout_applies_the_default_and_publishes_the_decision(
     assert (decision.decision, decision.decided_by) == ("continue", "timeout")
     with pytest.raises(NoPendingDecision):
         await answer_budget(fake_redis, KEYS, b.request_id, "stop")
+
+
+# ---------------------------------------------------------------- review regressions
+
+
+async def test_child_of_a_locally_cancelled_token_starts_cancelled(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    registry = CancelRegistry(fake_redis, Keys())
+    root = await registry.token(str(uuid.uuid4()))
+    root.cancel("shutting down")
+    child = await root.child(str(uuid.uuid4()))
+    grandchild = await child.child(str(uuid.uuid4()))
+    assert child.is_cancelled() and grandchild.is_cancelled()
+    assert grandchild.reason == "shutting down"
+
+
+async def test_cancel_with_by_cancels_the_token_itself(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    registry = CancelRegistry(fake_redis, Keys())
+    tok = await registry.token(str(uuid.uuid4()))
+    tok.cancel("r", by="operator")
+    assert tok.is_cancelled() and tok.cancelled_by == "operator"
+
+
+async def test_a_failed_registration_leaves_nothing_indexed() -> None:
+    dead = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    dead.connection_pool.connection_kwargs["server"].connected = False
+    registry = CancelRegistry(dead, Keys())
+    with pytest.raises(Exception):  # noqa: B017 - whichever connection error redis raises
+        await registry.token(str(uuid.uuid4()))
+    assert registry._index == {}
+    await dead.aclose()
+
+
+async def test_every_waiter_of_one_pause_gets_the_same_answer(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    rid = str(uuid.uuid4())
+    keys = Keys()
+    published: list[object] = []
+
+    async def publish(event: object) -> None:
+        published.append(event)
+
+    first = RequestBudget(fake_redis, keys, rid, total=10_000)
+    other_host = RequestBudget(fake_redis, keys, rid, total=10_000)
+    state = await first.add(8_500)
+    opener = asyncio.create_task(first.pause(publish, state, timeout=10))
+    async with asyncio.timeout(5):
+        while (await other_host.add(0)).paused is False:
+            await asyncio.sleep(0.01)
+    joiner = asyncio.create_task(other_host.join_pause())
+    await asyncio.sleep(0.05)
+    await answer_budget(fake_redis, keys, rid, "continue")
+    a, b = await asyncio.wait_for(asyncio.gather(opener, joiner), 5)
+    assert a == b == PauseOutcome("continue", "client")
+
+
+async def test_an_answer_naming_an_ended_pause_never_reaches_the_next(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    rid = str(uuid.uuid4())
+    keys = Keys()
+
+    async def publish(event: object) -> None:
+        return None
+
+    budget = RequestBudget(fake_redis, keys, rid, total=10_000)
+    state = await budget.add(8_500)
+    first = await budget.pause(publish, state, timeout=0.2, default="stop")
+    assert first == PauseOutcome("stop", "timeout")
+    second = asyncio.create_task(budget.pause(publish, state, timeout=10))
+    async with asyncio.timeout(5):
+        while (pending := await budget.pending()) is None:
+            await asyncio.sleep(0.01)
+    with pytest.raises(NoPendingDecision):
+        await answer_budget(fake_redis, keys, rid, "continue", pause_id="an-ended-pause")
+    await answer_budget(fake_redis, keys, rid, "stop", pause_id=pending["pause_id"])
+    assert await asyncio.wait_for(second, 5) == PauseOutcome("stop", "client")
+
+
+async def test_a_cancelled_pause_is_closed_so_late_answers_are_refused(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    rid = str(uuid.uuid4())
+    budget = RequestBudget(fake_redis, Keys(), rid, total=10_000)
+
+    async def publish(event: object) -> None:
+        return None
+
+    task = asyncio.create_task(budget.pause(publish, await budget.add(8_500), timeout=30))
+    async with asyncio.timeout(5):
+        while await budget.pending() is None:
+            await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await budget.pending() is None
+    with pytest.raises(NoPendingDecision):
+        await answer_budget(fake_redis, Keys(), rid, "continue")
