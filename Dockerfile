@@ -6,7 +6,7 @@
 #   docker build -t relay:latest .
 #   docker run --rm -p 8000:8000 -e RELAY_REDIS_URL=redis://HOST:6379/0 relay:latest
 
-ARG PYTHON_VERSION=3.12
+ARG PYTHON_VERSION=3.11
 
 # ---------------------------------------------------------------- builder
 # Builds the wheel and installs it with its dependencies into a virtualenv;

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from .config import ConfigError, GlobalConfig, load_config
 
+REDIS_URL_HELP = "Redis URL (overrides redis.url / RELAY_REDIS_URL)"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -190,6 +191,9 @@ def cmd_decide(args: argparse.Namespace) -> int:
 def cmd_tail(args: argparse.Namespace) -> int:
     from .tail import run_tail
 
+    if args.after_seq is not None and len(args.request_id) != 1:
+        raise CliError("--after-seq needs exactly one --request-id", EXIT_USAGE)
+
     code: int = run_tail(args)
     return code
 
@@ -214,7 +218,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="relay: a Redis-backed distributed event relay for AI agent platforms.",
+        epilog="Configuration: --config PATH or RELAY_CONFIG; every key can be overridden "
+        "as RELAY_<SECTION>_<KEY>. Exit codes: 0 ok, 1 failed, 2 bad usage or configuration.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
@@ -228,21 +237,29 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("gateway", cmd_gateway, "run a WebSocket gateway")
-    p.add_argument("--host", dest="gateway_host")
-    p.add_argument("--port", dest="gateway_port", type=int)
-    p.add_argument("--redis-url", dest="redis_url")
+    p.add_argument("--host", dest="gateway_host", help="bind address (gateway.host)")
+    p.add_argument("--port", dest="gateway_port", type=int, help="port (gateway.port)")
+    p.add_argument("--redis-url", dest="redis_url", help=REDIS_URL_HELP)
 
     p = add(
         "publish", cmd_publish, "publish events (JSON argument, or one JSON object per stdin line)"
     )
     p.add_argument("request_id", type=_uuid_arg)
     p.add_argument("event", nargs="?", help="one event as JSON (default: read stdin)")
-    p.add_argument("--redis-url", dest="redis_url")
+    p.add_argument("--redis-url", dest="redis_url", help=REDIS_URL_HELP)
 
     p = add("tail", cmd_tail, "print a gateway's event stream as a live tree")
-    p.add_argument("url", nargs="?", default="ws://127.0.0.1:8000/ws/events")
-    p.add_argument("--request-id", action="append", type=_uuid_arg, default=[])
-    p.add_argument("--after-seq", type=int)
+    p.add_argument(
+        "url", nargs="?", default="ws://127.0.0.1:8000/ws/events", help="gateway WebSocket URL"
+    )
+    p.add_argument(
+        "--request-id",
+        action="append",
+        type=_uuid_arg,
+        default=[],
+        help="follow only this request (repeatable; default: every event)",
+    )
+    p.add_argument("--after-seq", type=int, help="with one --request-id: resume after this seq")
     p.add_argument("--json", action="store_true", help="print raw frames")
     p.add_argument("--no-input", action="store_true", help="never prompt at a budget pause")
     p.add_argument("--exit-after", type=float, help="stop after this many seconds")
@@ -250,25 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("schema", cmd_schema, "print the JSON Schema of every frame")
 
     p = add("cancel", cmd_cancel, "cancel an agent (and descendants) or a whole request")
-    p.add_argument("id", type=_uuid_arg)
-    p.add_argument("--reason", default="cancelled by user")
-    p.add_argument("--redis-url", dest="redis_url")
+    p.add_argument("id", type=_uuid_arg, help="agent id, or request id for the whole request")
+    p.add_argument("--reason", default="cancelled by user", help="reason the agents report")
+    p.add_argument("--redis-url", dest="redis_url", help=REDIS_URL_HELP)
 
     for name in ("continue", "stop"):
         p = add(name, cmd_decide, f"answer a pending budget pause: {name}")
         p.add_argument("request_id", type=_uuid_arg)
-        p.add_argument("--redis-url", dest="redis_url")
+        p.add_argument("--redis-url", dest="redis_url", help=REDIS_URL_HELP)
 
     p = add("simulate", cmd_simulate, "run an LLM-free orchestrator (demo and load generator)")
-    p.add_argument("--redis-url", dest="redis_url")
+    p.add_argument("--redis-url", dest="redis_url", help=REDIS_URL_HELP)
     from .simulate import add_simulate_arguments
 
     add_simulate_arguments(p)
 
     p = add("demo", cmd_demo, "run Redis (embedded if needed), two gateways and a simulation")
-    p.add_argument("--redis-url", dest="redis_url")
+    p.add_argument("--redis-url", dest="redis_url", help=REDIS_URL_HELP)
     p.add_argument("--port", type=int, default=8000, help="first gateway port (default 8000)")
-    p.add_argument("--no-simulate", action="store_true")
+    p.add_argument("--no-simulate", action="store_true", help="start no simulated orchestrator")
     return parser
 
 

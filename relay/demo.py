@@ -246,7 +246,7 @@ class Demo:
             ]
         lines += [
             "",
-            f"Process logs:       {self.workdir}",
+            f"Process logs:       {self.workdir}  (removed on exit)",
             "",
             "Press Ctrl-C to stop.",
         ]
