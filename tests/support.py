@@ -20,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from signal import SIGTERM
 from typing import Any
 
 import websockets
@@ -62,14 +63,22 @@ class RedisServer:
     def start(self) -> RedisServer:
         args = [
             REDIS_SERVER,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.workdir),
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
-            "--daemonize", "no",
-            "--logfile", str(self.workdir / "redis.log"),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.workdir / "redis.log"),
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, 10, what=f"redis-server on {self.port}")
@@ -141,7 +150,8 @@ class RelayProcess:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+    # ``signal`` below names the method inside this class body, hence SIGTERM.
+    def stop(self, sig: int = SIGTERM, timeout: float = 15.0) -> int | None:
         code = None
         if self.proc is not None:
             if self.proc.poll() is None:
@@ -191,7 +201,9 @@ class Gateway(RelayProcess):
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         req = urllib.request.Request(
-            self.http + path, data=json.dumps(body).encode(), method="POST",
+            self.http + path,
+            data=json.dumps(body).encode(),
+            method="POST",
             headers={"content-type": "application/json"},
         )
         try:
@@ -257,8 +269,11 @@ class WsClient:
 
     def events(self, request_id: str | None = None) -> list[dict[str, Any]]:
         return [
-            f for f in self.frames
-            if "seq" in f and "ts" in f and (request_id is None or f.get("request_id") == request_id)
+            f
+            for f in self.frames
+            if "seq" in f
+            and "ts" in f
+            and (request_id is None or f.get("request_id") == request_id)
         ]
 
     async def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
@@ -268,12 +283,16 @@ class WsClient:
                 raise TimeoutError(f"frames so far: {self.frames[-5:]}")
             await asyncio.sleep(0.02)
 
-    async def request(self, frame: dict[str, Any], reply_type: str, timeout: float = 10.0) -> dict[str, Any]:
+    async def request(
+        self, frame: dict[str, Any], reply_type: str, timeout: float = 10.0
+    ) -> dict[str, Any]:
         """Send a command and wait for the first new frame of ``reply_type``."""
         before = len(self.frames)
         await self.send(frame)
-        await self.wait_for(lambda c: any(
-            f.get("type") in (reply_type, "error") for f in c.frames[before:]), timeout)
+        await self.wait_for(
+            lambda c: any(f.get("type") in (reply_type, "error") for f in c.frames[before:]),
+            timeout,
+        )
         return next(f for f in self.frames[before:] if f.get("type") in (reply_type, "error"))
 
 

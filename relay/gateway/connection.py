@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import json
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..commands import (
@@ -43,7 +43,7 @@ from ..commands import (
 )
 from ..config import GlobalConfig
 from .envelope import Envelope
-from .hub import Hub, HubUnavailable
+from .hub import Hub, HubUnavailable, stop_task
 from .metrics import Metrics
 from .store import HistoryGap, RequestStore
 
@@ -67,9 +67,33 @@ class _Track:
 
 
 @dataclass(slots=True)
-class _Replay:
+class _Begin:
+    """The start of a subscription, applied by the writer in queue order.
+
+    Setting the request's position when the command is handled (rather than
+    when the writer reaches this item) let events of the same request that
+    were already queued (a firehose connection narrowing itself, or a second
+    ``subscribe``) be sent against the new position: the client got them
+    twice, or out of order. Everything queued before this item belongs to the
+    previous stream; the reply frames come next, then history after ``last``
+    up to ``replay_until``, then live events.
+    """
+
     request_id: str
-    until: int
+    epoch: str | None
+    last: int
+    frames: list[str]
+    replay_until: int | None
+
+
+@dataclass(slots=True)
+class _Lag:
+    """Events of one request dropped from a full queue: how many, and which range."""
+
+    count: int
+    first: int
+    last: int
+    epoch: str
 
 
 @dataclass(slots=True)
@@ -77,6 +101,9 @@ class _Reset:
     request_id: str
     epoch: str | None
     reason: str
+
+
+_Control = str | _Begin | _Reset
 
 
 @dataclass(slots=True)
@@ -108,12 +135,18 @@ class Connection:
         self.metrics = metrics
         self.handler = handler
         self._events: deque[tuple[int, Envelope]] = deque()
-        self._control: deque[tuple[int, str | _Replay | _Reset]] = deque()
+        self._control: deque[tuple[int, _Control]] = deque()
         self._counter = 0
         self._bytes = 0
         self._wake = asyncio.Event()
-        self._skipped: dict[str, int] = {}
-        self._overflowed = False
+        self._skipped: dict[str, _Lag] = {}
+        # Set when the queue overflows and the connection must be closed. The
+        # writer may be blocked in a send to a client that reads nothing, so
+        # run() waits for this too and then cancels the writer: before, the
+        # flag was only seen by the writer, i.e. never for a stalled client,
+        # while the close policy kept queueing every event (unbounded memory).
+        self._close_code: int | None = None
+        self._overflow = asyncio.Event()
         self._subs: dict[str, _Sub] = {}
         self._firehose = False
         self._runs: set[str] = set()
@@ -130,20 +163,37 @@ class Connection:
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
         writer = asyncio.create_task(self._write_loop(), name="relay-conn-writer")
+        overflow = asyncio.create_task(self._overflow.wait(), name="relay-conn-overflow")
+        tasks = [writer, overflow]
         try:
             await self._start_from_query()
             reader = asyncio.create_task(self._read_loop(), name="relay-conn-reader")
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if reader not in done:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+            tasks.append(reader)
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-            await self._release()
-            self.metrics.connections.dec()
+            try:
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    await _stop(task)
+            finally:
+                # Release even when we are cancelled ourselves while stopping;
+                # the hub's interest goes first: an overflowed connection may
+                # wait a while for its close frame, and takes no events meanwhile.
+                await self._release()
+                if self._close_code is not None:
+                    await self._close_overflowed(self._close_code)
+                self.metrics.connections.dec()
+
+    async def _close_overflowed(self, code: int) -> None:
+        # A client that reads nothing keeps the transport paused and every
+        # send waiting; wait for it at most ping_timeout (a peer that reads
+        # nothing for that long is gone), then let the server drop the socket.
+        try:
+            async with asyncio.timeout(self.config.gateway.ping_timeout):
+                await self._close(code, "send queue overflow")
+        except TimeoutError:
+            log.info("client did not read its close frame within ping_timeout; dropping it")
 
     async def _release(self) -> None:
         # A disconnect never cancels anything: it only drops local interest.
@@ -170,9 +220,14 @@ class Connection:
             await self._handle_text(dumps(raw))
 
     async def _go_firehose(self) -> None:
+        # The hub keeps this interest even when it cannot make it live now
+        # (Redis down): it subscribes again and backfills once it reconnects.
+        # Before, the flag was set only on success, so a client that connected
+        # during an outage was registered with the hub but dropped every event
+        # it was offered, for as long as it stayed connected.
+        self._firehose = True
         try:
             await self.hub.watch_all(self)
-            self._firehose = True
         except HubUnavailable as exc:
             self._reply(error_frame("unavailable", str(exc)))
 
@@ -265,37 +320,38 @@ class Connection:
     async def _start_subscription(self, rid: str, cmd: Subscribe) -> None:
         pos = await self.store.position(rid)
         reply: dict[str, Any] = {
-            "type": "subscribed", "request_id": rid, "epoch": pos.epoch, "seq": pos.seq,
+            "type": "subscribed",
+            "request_id": rid,
+            "epoch": pos.epoch,
+            "seq": pos.seq,
         }
         if cmd.command_id is not None:
             reply["command_id"] = cmd.command_id
-        self._reply(reply)
+        frames = [dumps(reply)]
         start = pos.seq
         if cmd.snapshot:
             snap = await self.store.snapshot(rid)
             start = snap["seq"]
-            self._reply(snap)
+            frames.append(dumps(snap))
         pending = await self.store.pending_decision(rid)
         if pending is not None:
-            self._reply({"type": "budget_pending", "request_id": rid, **pending})
-        track = self._track(rid)
-        track.epoch = pos.epoch
+            frames.append(dumps({"type": "budget_pending", "request_id": rid, **pending}))
+        last, replay_until = start, None
         if cmd.after_seq is None or cmd.snapshot:
-            track.last = start
+            pass
         elif cmd.epoch is not None and pos.epoch is not None and cmd.epoch != pos.epoch:
-            track.last = start
-            self._reset_frame(rid, pos.epoch, "epoch_changed", last_seq=pos.seq)
+            frames.append(dumps(self._resync(rid, pos.epoch, "epoch_changed", last_seq=pos.seq)))
         elif cmd.after_seq > pos.seq:
-            track.last = start
-            self._reset_frame(rid, pos.epoch, "ahead_of_stream", last_seq=pos.seq)
+            frames.append(dumps(self._resync(rid, pos.epoch, "ahead_of_stream", last_seq=pos.seq)))
         else:
-            track.last = cmd.after_seq
-            self._enqueue_control(_Replay(rid, pos.seq))
+            last, replay_until = cmd.after_seq, pos.seq
+        self._enqueue_control(_Begin(rid, pos.epoch, last, frames, replay_until))
 
     async def _unsubscribe(self, rid: str) -> dict[str, Any]:
         if self._subs.pop(rid, None) is not None:
             await self.hub.unwatch(rid, self)
             self._tracks.pop(rid, None)
+            self._skipped.pop(rid, None)
         if not self._subs and not self._firehose:
             # No subscription left: back to every event, like the original.
             await self._go_firehose()
@@ -322,31 +378,51 @@ class Connection:
             self._enqueue_control(_Reset(request_id, epoch, reason))
 
     def _push_event(self, env: Envelope) -> None:
+        if self._close_code is not None:
+            return  # closing: the queue takes nothing more
         self._counter += 1
         self._events.append((self._counter, env))
         self._bytes += env.nbytes
         while len(self._events) > self._max_events or self._bytes > self._max_bytes:
             if not self._drop_oldest:
-                self._overflowed = True
+                self._fail(CLOSE_TRY_AGAIN_LATER)
                 break
             _, old = self._events.popleft()
             self._bytes -= old.nbytes
-            self._skipped[old.request_id] = self._skipped.get(old.request_id, 0) + 1
+            self._note_drop(old)
             self.metrics.queue_drops.inc()
         self._wake.set()
 
-    def _enqueue_control(self, item: str | _Replay | _Reset) -> None:
+    def _note_drop(self, old: Envelope) -> None:
+        # Remember the dropped range, not just a count: the writer refills it
+        # from history even when no later event of that request is queued (a
+        # firehose client whose queue was flooded by another request lost the
+        # tail of a finished request for good before), and even when the
+        # request's very first event was dropped (no position to see a gap from).
+        lag = self._skipped.get(old.request_id)
+        if lag is None or lag.epoch != old.epoch:
+            self._skipped[old.request_id] = _Lag(1, old.seq, old.seq, old.epoch)
+            return
+        lag.count += 1
+        lag.first = min(lag.first, old.seq)
+        lag.last = max(lag.last, old.seq)
+
+    def _enqueue_control(self, item: _Control) -> None:
+        if self._close_code is not None:
+            return
         self._counter += 1
         self._control.append((self._counter, item))
         if len(self._control) > MAX_CONTROL_ITEMS:
-            self._overflowed = True
+            self._fail(CLOSE_POLICY_VIOLATION)
         self._wake.set()
+
+    def _fail(self, code: int) -> None:
+        if self._close_code is None:
+            self._close_code = code
+            self._overflow.set()
 
     def _reply(self, frame: dict[str, Any]) -> None:
         self._enqueue_control(dumps(frame))
-
-    def _reset_frame(self, rid: str, epoch: str | None, reason: str, **extra: Any) -> None:
-        self._reply(self._resync(rid, epoch, reason, **extra))
 
     def _resync(self, rid: str, epoch: str | None, reason: str, **extra: Any) -> dict[str, Any]:
         self.metrics.resyncs.labels(reason=reason).inc()
@@ -370,7 +446,7 @@ class Connection:
             self._tracks.move_to_end(rid)
         return track
 
-    def _next(self) -> Envelope | str | _Replay | _Reset | None:
+    def _next(self) -> Envelope | _Control | None:
         if self._events and (not self._control or self._events[0][0] < self._control[0][0]):
             _, env = self._events.popleft()
             self._bytes -= env.nbytes
@@ -380,26 +456,63 @@ class Connection:
         return None
 
     async def _write_loop(self) -> None:
-        while True:
-            if self._overflowed:
-                await self._close(CLOSE_TRY_AGAIN_LATER if self._events else CLOSE_POLICY_VIOLATION,
-                                  "send queue overflow")
-                return
-            item = self._next()
-            if item is None:
-                self._wake.clear()
-                await self._wake.wait()
+        try:
+            while True:
+                item = self._next()
+                if item is None:
+                    if self._skipped:
+                        await self._refill_lagged()
+                        continue
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if isinstance(item, Envelope):
+                    await self._send_event(item)
+                elif isinstance(item, str):
+                    await self.ws.send_text(item)
+                elif isinstance(item, _Begin):
+                    await self._begin(item)
+                else:
+                    await self._apply_reset(item.request_id, item.epoch, item.reason)
+        except WebSocketDisconnect:
+            return  # the client is gone; run() releases everything
+
+    async def _begin(self, item: _Begin) -> None:
+        rid = item.request_id
+        track = self._track(rid)
+        track.last, track.epoch = item.last, item.epoch
+        self._skipped.pop(rid, None)  # drops before this point are covered by `last`
+        for frame in item.frames:
+            await self.ws.send_text(frame)
+        if item.replay_until is not None and item.replay_until > item.last:
+            await self._replay(rid, track, item.replay_until)
+
+    def _wants(self, rid: str) -> bool:
+        return rid in self._subs if self._subs else self._firehose
+
+    async def _refill_lagged(self) -> None:
+        """The queue is empty but events were dropped: bring each request up to
+        the last dropped seq from history (the next live event continues it)."""
+        for rid in list(self._skipped):
+            if not self._wants(rid):
+                self._skipped.pop(rid, None)
                 continue
-            if isinstance(item, Envelope):
-                await self._send_event(item)
-            elif isinstance(item, str):
-                await self.ws.send_text(item)
-            elif isinstance(item, _Replay):
-                track = self._track(item.request_id)
-                if track.last is not None and item.until > track.last:
-                    await self._replay(item.request_id, track, item.until)
-            else:
-                await self._apply_reset(item.request_id, item.epoch, item.reason)
+            track = self._track(rid)
+            await self._settle_lag(rid, track, fill=True)
+
+    async def _settle_lag(self, rid: str, track: _Track, *, fill: bool) -> None:
+        lag = self._skipped.pop(rid, None)
+        if lag is None:
+            return
+        await self.ws.send_text(dumps({"type": "lagged", "request_id": rid, "skipped": lag.count}))
+        if track.epoch is None:
+            track.epoch = lag.epoch
+        if lag.epoch != track.epoch:
+            return  # dropped events of a stream that has since been reset
+        if track.last is None:
+            track.last = lag.first - 1
+        if fill and lag.last > track.last:
+            await self._replay(rid, track, lag.last)
 
     async def _apply_reset(self, rid: str, epoch: str | None, reason: str) -> None:
         # The new incarnation of the stream starts over at seq 1: forget what
@@ -413,15 +526,12 @@ class Connection:
         track = self._track(env.request_id)
         if track.epoch is not None and env.epoch != track.epoch:
             await self._apply_reset(env.request_id, env.epoch, "epoch_changed")
-        if track.last is not None and env.seq <= track.last:
-            return
-        skipped = self._skipped.pop(env.request_id, 0)
-        if skipped:
-            await self.ws.send_text(
-                dumps({"type": "lagged", "request_id": env.request_id, "skipped": skipped})
-            )
         if track.epoch is None:
             track.epoch = env.epoch
+        if env.request_id in self._skipped:
+            await self._settle_lag(env.request_id, track, fill=False)
+        if track.last is not None and env.seq <= track.last:
+            return
         if track.last is not None and env.seq > track.last + 1:
             await self._replay(env.request_id, track, env.seq - 1)
             if env.seq <= (track.last or 0):
@@ -451,8 +561,11 @@ class Connection:
         except HistoryGap as gap:
             track.last = until
             frame = self._resync(
-                rid, track.epoch, "history_trimmed",
-                first_available_seq=gap.first_available, last_seq=until,
+                rid,
+                track.epoch,
+                "history_trimmed",
+                first_available_seq=gap.first_available,
+                last_seq=until,
             )
             await self.ws.send_text(dumps(frame))
 
@@ -460,3 +573,10 @@ class Connection:
         if self.ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                 await self.ws.close(code, reason)
+
+
+async def _stop(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it (see :func:`stop_task`); log what it raised."""
+    exc = await stop_task(task)
+    if exc is not None and not isinstance(exc, WebSocketDisconnect):
+        log.error("%s failed", task.get_name(), exc_info=exc)

@@ -30,7 +30,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -56,6 +56,27 @@ class Subscriber(Protocol):
 
 class HubUnavailable(Exception):
     """The hub could not make a subscription live in time."""
+
+
+async def stop_task(task: asyncio.Task[Any], retry_every: float = 0.1) -> BaseException | None:
+    """Cancel ``task``, wait until it has finished, and return its exception, if any.
+
+    One ``cancel()`` is not always enough: on Python 3.11, ``asyncio.wait_for``
+    returns the result instead of raising when the cancellation lands just as
+    the awaited operation completes (CPython gh-86296, fixed in 3.12), and
+    redis-py sends every command through ``wait_for`` when ``socket_timeout``
+    is set. A task cancelled while it talks to Redis then carries on, and an
+    ``await task`` after a single cancel can hang for good (a hub that never
+    rebuilds its connection, a shutdown that never ends). So cancel again
+    until it is done. Our own cancellation is never swallowed: ``asyncio.wait``
+    lets it through.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=retry_every)
+    if task.cancelled():
+        return None
+    return task.exception()
 
 
 @dataclass(slots=True)
@@ -102,9 +123,7 @@ class Hub:
         """Stop everything this hub started and wait for it."""
         task, self._supervisor = self._supervisor, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
         await self._drop_pubsub()
 
     @property
@@ -153,6 +172,10 @@ class Hub:
         subs.discard(sub)
         if not subs:
             del self._by_request[request_id]
+            if not self._firehose:
+                # Nothing keeps this cursor current any more; a stale one would
+                # make the next watch() backfill events nobody needs.
+                self._cursors.pop(request_id, None)
             await self._unsubscribe(self.keys.request_channel(request_id))
 
     async def watch_all(self, sub: Subscriber) -> None:
@@ -168,6 +191,8 @@ class Hub:
         if sub in self._firehose:
             self._firehose.discard(sub)
             if not self._firehose:
+                for rid in [r for r in self._cursors if r not in self._by_request]:
+                    del self._cursors[rid]
                 await self._unsubscribe(self.keys.firehose_channel)
 
     async def _subscribe(self, channel: str) -> None:
@@ -240,17 +265,25 @@ class Hub:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _run_connected(self) -> None:
         assert self._pubsub is not None
         self._wake.clear()
-        async with asyncio.TaskGroup() as group:
-            reader = group.create_task(self._read(self._pubsub), name="relay-hub-reader")
-            prober = group.create_task(self._probe(), name="relay-hub-probe")
+        reader = asyncio.create_task(self._read(self._pubsub), name="relay-hub-reader")
+        prober = asyncio.create_task(self._probe(), name="relay-hub-probe")
+        try:
             await self._wake.wait()
+        finally:
+            # Not a TaskGroup: its exit waits after a single cancel, and a
+            # reader whose cancel was swallowed (see stop_task) kept the
+            # supervisor from ever rebuilding the connection.
             reader.cancel()
             prober.cancel()
+            for task in (reader, prober):
+                exc = await stop_task(task)
+                if exc is not None:
+                    log.error("%s failed", task.get_name(), exc_info=exc)
         raise ConnectionError("pub/sub connection torn down")
 
     async def _read(self, pubsub: PubSub) -> None:
@@ -371,8 +404,9 @@ class Hub:
         requests = set(self._by_request)
         if self._firehose and since is not None:
             # Requests that published while we were away, seen or not.
-            active = await self.redis.zrangebyscore(self.keys.active, int((since - 5) * 1000), "+inf")
-            requests.update(r.decode() for r in active)
+            floor = int((since - 5) * 1000)
+            active = await self.redis.zrangebyscore(self.keys.active, floor, "+inf")
+            requests.update(r.decode() if isinstance(r, bytes) else str(r) for r in active)
         for rid in requests:
             cursor = self._cursors.get(rid)
             pos = await self.store.position(rid)
