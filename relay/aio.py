@@ -7,21 +7,39 @@ from collections.abc import Coroutine
 from typing import Any
 
 
+async def stop_task(task: asyncio.Future[Any], retry_every: float = 0.1) -> BaseException | None:
+    """Cancel ``task``, wait until it has finished, and return its exception, if any.
+
+    One ``cancel()`` is not always enough: on Python 3.11, ``asyncio.wait_for``
+    returns the result instead of raising when the cancellation lands just as
+    the awaited operation completes (CPython gh-86296, fixed in 3.12), and
+    redis-py sends every command through ``wait_for`` when ``socket_timeout``
+    is set. A task cancelled while it talks to Redis then carries on, and an
+    ``await task`` after a single cancel can hang for good (a hub that never
+    rebuilds its connection, a shutdown that never ends). So cancel again
+    until it is done. Our own cancellation is never swallowed: ``asyncio.wait``
+    lets it through.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=retry_every)
+    if task.cancelled():
+        return None
+    return task.exception()
+
+
 async def cancel_and_wait(*tasks: asyncio.Future[Any]) -> None:
-    """Cancel ``tasks`` and wait until every one of them has finished.
+    """Cancel ``tasks`` and wait until every one of them has finished (see :func:`stop_task`).
 
     Nothing is caught here: the tasks' own ``CancelledError`` never reaches
-    the caller (``asyncio.wait`` does not raise it), while a cancellation of
-    the *caller* propagates as usual. Failures raised while the tasks unwound
-    are retrieved, so they are not reported as "never retrieved".
+    the caller, while a cancellation of the *caller* propagates as usual.
+    Failures raised while the tasks unwound are retrieved, so they are not
+    reported as "never retrieved".
     """
     for task in tasks:
         task.cancel()
-    if tasks:
-        await asyncio.wait(tasks)
     for task in tasks:
-        if not task.cancelled():
-            task.exception()
+        await stop_task(task)
 
 
 async def wait_first(*aws: Coroutine[Any, Any, object]) -> None:

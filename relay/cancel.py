@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
+from .aio import stop_task
 from .events import AgentCancelled
 from .keys import Keys
 
@@ -138,16 +139,10 @@ class CancelRegistry:
         task, self._task = self._task, None
         if task is None:
             return
-        # Cancel again until it has ended: on Python 3.11, asyncio.wait_for
-        # (used inside some Redis clients' reads) swallows a cancellation that
-        # races a completed read, and the listener would then run forever.
-        # asyncio.wait never raises the task's CancelledError, and lets a
-        # cancellation of the caller through.
-        while not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=1.0)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("cancel listener ended with %r", task.exception())
+        # One cancel is not always enough on Python 3.11 (see stop_task).
+        exc = await stop_task(task)
+        if exc is not None:
+            log.warning("cancel listener ended with %r", exc)
 
     async def token(
         self, target_id: str, *, lineage: Sequence[str] = (), parent: CancelToken | None = None

@@ -11,7 +11,21 @@ so it is tested with plain frame sequences; ``relay tail`` drives it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+REMEMBER_MAX = 10_000
+"""Entries a long-running console keeps per table before forgetting the oldest."""
+
+
+def remember(table: dict[K, V], key: K, value: V, limit: int = REMEMBER_MAX) -> None:
+    """``table[key] = value``, dropping the oldest entries beyond ``limit``."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > limit:
+        del table[next(iter(table))]
+
 
 TREE_MID, TREE_LAST, TREE_PIPE, TREE_GAP = "├── ", "└── ", "│   ", "    "
 
@@ -45,8 +59,9 @@ class TreeRenderer:
         self.live_counter = live_counter
         self.counter: str | None = None
         """The latest ``[tokens: used / total]`` seen (of any request)."""
+        # Bounded, oldest first out: a tail of a whole tenant runs for days.
         self._agents: dict[str, _Agent] = {}
-        self._requests: set[str] = set()
+        self._requests: dict[str, None] = {}
         self._decile: dict[str, int] = {}
 
     def feed(self, frame: dict[str, Any]) -> list[str]:
@@ -54,7 +69,7 @@ class TreeRenderer:
         kind = frame.get("type")
         rid = frame.get("request_id")
         if isinstance(rid, str) and "seq" in frame:
-            self._requests.add(rid)
+            remember(self._requests, rid, None)
         handler = getattr(self, f"_on_{kind}", None) if isinstance(kind, str) else None
         lines: list[str] = handler(frame) if handler is not None else []
         if len(self._requests) > 1 and isinstance(rid, str):
@@ -72,12 +87,14 @@ class TreeRenderer:
         parent = self._agents.get(str(f.get("parent_id"))) if f.get("parent_id") else None
         if parent is None:
             # A root (or a child whose parent we never saw): starts a tree.
-            self._agents[str(f.get("agent_id"))] = _Agent(label, "")
+            remember(self._agents, str(f.get("agent_id")), _Agent(label, ""))
             return [label]
         index, total = int(f.get("index", 0)), int(f.get("total", 1))
         last = index >= total - 1
-        self._agents[str(f.get("agent_id"))] = _Agent(
-            label, parent.indent + (TREE_GAP if last else TREE_PIPE)
+        remember(
+            self._agents,
+            str(f.get("agent_id")),
+            _Agent(label, parent.indent + (TREE_GAP if last else TREE_PIPE)),
         )
         position = f" ({index + 1}/{total})" if total > 1 else ""
         return [f"{parent.indent}{TREE_LAST if last else TREE_MID}{label}{position}"]
@@ -128,7 +145,7 @@ class TreeRenderer:
         rid = str(f.get("request_id"))
         if decile <= self._decile.get(rid, 0):
             return []
-        self._decile[rid] = decile
+        remember(self._decile, rid, decile)
         return [counter]
 
     def _on_budget_warning(self, f: dict[str, Any]) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import websockets
 
 from .aio import cancel_and_wait
-from .render import TreeRenderer, short
+from .render import TreeRenderer, remember, short
 
 BUDGET_PROMPT = "Continue? [y/n] "
 _CLEAR_LINE = "\r\x1b[K"
@@ -146,7 +146,7 @@ class Console:
             if isinstance(frame.get("epoch"), str):
                 self.epoch[rid] = frame["epoch"]
         elif isinstance(frame.get("seq"), int) and "ts" in frame:
-            self.last_seq[rid] = frame["seq"]
+            remember(self.last_seq, rid, frame["seq"])
 
     # ------------------------------------------------------------ prompts
 

@@ -1,19 +1,12 @@
-"""One WebSocket client: a reader for commands and a writer draining a bounded queue.
+"""One WebSocket client: a reader for commands and a writer draining its send queue.
 
-The queue holds two kinds of items, kept in arrival order:
-
-* events (:class:`Envelope`, shared with every other connection): bounded by
-  count and bytes; when full, the overflow policy applies. ``drop_oldest``
-  (the default) drops the oldest events and later tells the client
-  ``{"type":"lagged",...}``, then brings it back from history so it still
-  sees a continuous sequence; ``close`` closes with 1013 (try again later);
-* control items (replies, errors, resets, replays): never dropped, but a
-  client that floods commands without reading is closed with 1008.
-
-The writer sends each request's events strictly in ``seq`` order: a seq at or
-below the last one sent is a duplicate and skipped, a seq beyond the next one
-is a gap and filled from the history stream first (a resume, a lag or a hub
-reconnect all end up here). History that no longer covers the gap yields
+The reader parses each frame into a command and answers it (errors become
+``error`` frames; the connection stays open). The writer drains the
+connection's :class:`~relay.gateway.sendqueue.SendQueue` and sends each
+request's events strictly in ``seq`` order: a seq at or below the last one
+sent is a duplicate and skipped, a seq beyond the next one is a gap and
+filled from the history stream first (a resume, a lag or a hub reconnect all
+end up here). History that no longer covers the gap yields
 ``resync_required`` instead of a silent hole.
 """
 
@@ -21,15 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from ..aio import stop_task
 from ..commands import (
     Command,
     CommandError,
@@ -43,15 +34,13 @@ from ..commands import (
 )
 from ..config import GlobalConfig
 from .envelope import Envelope
-from .hub import Hub, HubUnavailable, stop_task
+from .hub import Hub, HubUnavailable
 from .metrics import Metrics
-from .store import HistoryGap, RequestStore
+from .sendqueue import Begin, Reset, SendQueue
+from .store import RequestStore
+from .writer import OrderedWriter, dumps
 
 log = logging.getLogger(__name__)
-
-CLOSE_TRY_AGAIN_LATER = 1013
-CLOSE_POLICY_VIOLATION = 1008
-MAX_CONTROL_ITEMS = 1024
 
 
 class CommandHandler(Protocol):
@@ -61,60 +50,9 @@ class CommandHandler(Protocol):
 
 
 @dataclass(slots=True)
-class _Track:
-    last: int | None
-    epoch: str | None
-
-
-@dataclass(slots=True)
-class _Begin:
-    """The start of a subscription, applied by the writer in queue order.
-
-    Setting the request's position when the command is handled (rather than
-    when the writer reaches this item) let events of the same request that
-    were already queued (a firehose connection narrowing itself, or a second
-    ``subscribe``) be sent against the new position: the client got them
-    twice, or out of order. Everything queued before this item belongs to the
-    previous stream; the reply frames come next, then history after ``last``
-    up to ``replay_until``, then live events.
-    """
-
-    request_id: str
-    epoch: str | None
-    last: int
-    frames: list[str]
-    replay_until: int | None
-
-
-@dataclass(slots=True)
-class _Lag:
-    """Events of one request dropped from a full queue: how many, and which range."""
-
-    count: int
-    first: int
-    last: int
-    epoch: str
-
-
-@dataclass(slots=True)
-class _Reset:
-    request_id: str
-    epoch: str | None
-    reason: str
-
-
-_Control = str | _Begin | _Reset
-
-
-@dataclass(slots=True)
 class _Sub:
     hold: bool = True
     pending: list[Envelope] = field(default_factory=list)
-
-
-def dumps(obj: dict[str, Any]) -> str:
-    """Compact JSON text of a control frame."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
 class Connection:
@@ -134,26 +72,23 @@ class Connection:
         self.config = config
         self.metrics = metrics
         self.handler = handler
-        self._events: deque[tuple[int, Envelope]] = deque()
-        self._control: deque[tuple[int, _Control]] = deque()
-        self._counter = 0
-        self._bytes = 0
-        self._wake = asyncio.Event()
-        self._skipped: dict[str, _Lag] = {}
-        # Set when the queue overflows and the connection must be closed. The
-        # writer may be blocked in a send to a client that reads nothing, so
-        # run() waits for this too and then cancels the writer: before, the
-        # flag was only seen by the writer, i.e. never for a stalled client,
-        # while the close policy kept queueing every event (unbounded memory).
-        self._close_code: int | None = None
-        self._overflow = asyncio.Event()
+        gw = config.gateway
+        self._queue = SendQueue(
+            gw.send_queue_max, gw.send_queue_max_bytes, gw.overflow_policy, metrics
+        )
         self._subs: dict[str, _Sub] = {}
         self._firehose = False
         self._runs: set[str] = set()
-        self._tracks: OrderedDict[str, _Track] = OrderedDict()
-        self._max_events = config.gateway.send_queue_max
-        self._max_bytes = config.gateway.send_queue_max_bytes
-        self._drop_oldest = config.gateway.overflow_policy == "drop_oldest"
+        self._writer = OrderedWriter(
+            websocket,
+            self._queue,
+            self.store,
+            config,
+            metrics,
+            wants=self._wants,
+            subscribed=self._subs.__contains__,
+            runs=self._runs,
+        )
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -162,8 +97,8 @@ class Connection:
         await self.ws.accept()
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
-        writer = asyncio.create_task(self._write_loop(), name="relay-conn-writer")
-        overflow = asyncio.create_task(self._overflow.wait(), name="relay-conn-overflow")
+        writer = asyncio.create_task(self._writer.run(), name="relay-conn-writer")
+        overflow = asyncio.create_task(self._queue.overflow.wait(), name="relay-conn-overflow")
         tasks = [writer, overflow]
         try:
             await self._start_from_query()
@@ -181,8 +116,8 @@ class Connection:
                 # the hub's interest goes first: an overflowed connection may
                 # wait a while for its close frame, and takes no events meanwhile.
                 await self._release()
-                if self._close_code is not None:
-                    await self._close_overflowed(self._close_code)
+                if self._queue.close_code is not None:
+                    await self._close_overflowed(self._queue.close_code)
                 self.metrics.connections.dec()
 
     async def _close_overflowed(self, code: int) -> None:
@@ -315,7 +250,7 @@ class Connection:
         finally:
             pending, sub.pending, sub.hold = sub.pending, [], False
             for env in pending:
-                self._push_event(env)
+                self._queue.push_event(env)
 
     async def _start_subscription(self, rid: str, cmd: Subscribe) -> None:
         pos = await self.store.position(rid)
@@ -340,24 +275,31 @@ class Connection:
         if cmd.after_seq is None or cmd.snapshot:
             pass
         elif cmd.epoch is not None and pos.epoch is not None and cmd.epoch != pos.epoch:
-            frames.append(dumps(self._resync(rid, pos.epoch, "epoch_changed", last_seq=pos.seq)))
+            frames.append(
+                dumps(self._writer.resync(rid, pos.epoch, "epoch_changed", last_seq=pos.seq))
+            )
         elif cmd.after_seq > pos.seq:
-            frames.append(dumps(self._resync(rid, pos.epoch, "ahead_of_stream", last_seq=pos.seq)))
+            frames.append(
+                dumps(self._writer.resync(rid, pos.epoch, "ahead_of_stream", last_seq=pos.seq))
+            )
         else:
             last, replay_until = cmd.after_seq, pos.seq
-        self._enqueue_control(_Begin(rid, pos.epoch, last, frames, replay_until))
+        self._queue.push_control(Begin(rid, pos.epoch, last, frames, replay_until))
 
     async def _unsubscribe(self, rid: str) -> dict[str, Any]:
         if self._subs.pop(rid, None) is not None:
             await self.hub.unwatch(rid, self)
-            self._tracks.pop(rid, None)
-            self._skipped.pop(rid, None)
+            self._writer.tracks.pop(rid, None)
+            self._queue.lags.pop(rid, None)
         if not self._subs and not self._firehose:
             # No subscription left: back to every event, like the original.
             await self._go_firehose()
         return {"type": "unsubscribed", "request_id": rid}
 
     # ---------------------------------------------------------------- hub side
+
+    def _wants(self, rid: str) -> bool:
+        return rid in self._subs if self._subs else self._firehose
 
     def offer(self, envelope: Envelope) -> None:
         """Called by the hub for every event this connection may want."""
@@ -370,204 +312,15 @@ class Connection:
                 return
         elif not self._firehose:
             return
-        self._push_event(envelope)
+        self._queue.push_event(envelope)
 
     def stream_reset(self, request_id: str, epoch: str | None, reason: str) -> None:
         """Called by the hub when a request's stream cannot be continued."""
         if (self._subs and request_id in self._subs) or (self._firehose and not self._subs):
-            self._enqueue_control(_Reset(request_id, epoch, reason))
-
-    def _push_event(self, env: Envelope) -> None:
-        if self._close_code is not None:
-            return  # closing: the queue takes nothing more
-        self._counter += 1
-        self._events.append((self._counter, env))
-        self._bytes += env.nbytes
-        while len(self._events) > self._max_events or self._bytes > self._max_bytes:
-            if not self._drop_oldest:
-                self._fail(CLOSE_TRY_AGAIN_LATER)
-                break
-            _, old = self._events.popleft()
-            self._bytes -= old.nbytes
-            self._note_drop(old)
-            self.metrics.queue_drops.inc()
-        self._wake.set()
-
-    def _note_drop(self, old: Envelope) -> None:
-        # Remember the dropped range, not just a count: the writer refills it
-        # from history even when no later event of that request is queued (a
-        # firehose client whose queue was flooded by another request lost the
-        # tail of a finished request for good before), and even when the
-        # request's very first event was dropped (no position to see a gap from).
-        lag = self._skipped.get(old.request_id)
-        if lag is None or lag.epoch != old.epoch:
-            self._skipped[old.request_id] = _Lag(1, old.seq, old.seq, old.epoch)
-            return
-        lag.count += 1
-        lag.first = min(lag.first, old.seq)
-        lag.last = max(lag.last, old.seq)
-
-    def _enqueue_control(self, item: _Control) -> None:
-        if self._close_code is not None:
-            return
-        self._counter += 1
-        self._control.append((self._counter, item))
-        if len(self._control) > MAX_CONTROL_ITEMS:
-            self._fail(CLOSE_POLICY_VIOLATION)
-        self._wake.set()
-
-    def _fail(self, code: int) -> None:
-        if self._close_code is None:
-            self._close_code = code
-            self._overflow.set()
+            self._queue.push_control(Reset(request_id, epoch, reason))
 
     def _reply(self, frame: dict[str, Any]) -> None:
-        self._enqueue_control(dumps(frame))
-
-    def _resync(self, rid: str, epoch: str | None, reason: str, **extra: Any) -> dict[str, Any]:
-        self.metrics.resyncs.labels(reason=reason).inc()
-        frame = {"type": "resync_required", "request_id": rid, "epoch": epoch, "reason": reason}
-        return {**frame, **extra}
-
-    # ---------------------------------------------------------------- writing
-
-    def _track(self, rid: str) -> _Track:
-        track = self._tracks.get(rid)
-        if track is None:
-            track = self._tracks[rid] = _Track(None, None)
-            limit = self.config.gateway.firehose_track_requests
-            while len(self._tracks) > limit:
-                oldest = next(iter(self._tracks))
-                if oldest in self._subs:
-                    self._tracks.move_to_end(oldest)
-                    break
-                del self._tracks[oldest]
-        else:
-            self._tracks.move_to_end(rid)
-        return track
-
-    def _next(self) -> Envelope | _Control | None:
-        if self._events and (not self._control or self._events[0][0] < self._control[0][0]):
-            _, env = self._events.popleft()
-            self._bytes -= env.nbytes
-            return env
-        if self._control:
-            return self._control.popleft()[1]
-        return None
-
-    async def _write_loop(self) -> None:
-        try:
-            while True:
-                item = self._next()
-                if item is None:
-                    if self._skipped:
-                        await self._refill_lagged()
-                        continue
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                if isinstance(item, Envelope):
-                    await self._send_event(item)
-                elif isinstance(item, str):
-                    await self.ws.send_text(item)
-                elif isinstance(item, _Begin):
-                    await self._begin(item)
-                else:
-                    await self._apply_reset(item.request_id, item.epoch, item.reason)
-        except WebSocketDisconnect:
-            return  # the client is gone; run() releases everything
-
-    async def _begin(self, item: _Begin) -> None:
-        rid = item.request_id
-        track = self._track(rid)
-        track.last, track.epoch = item.last, item.epoch
-        self._skipped.pop(rid, None)  # drops before this point are covered by `last`
-        for frame in item.frames:
-            await self.ws.send_text(frame)
-        if item.replay_until is not None and item.replay_until > item.last:
-            await self._replay(rid, track, item.replay_until)
-
-    def _wants(self, rid: str) -> bool:
-        return rid in self._subs if self._subs else self._firehose
-
-    async def _refill_lagged(self) -> None:
-        """The queue is empty but events were dropped: bring each request up to
-        the last dropped seq from history (the next live event continues it)."""
-        for rid in list(self._skipped):
-            if not self._wants(rid):
-                self._skipped.pop(rid, None)
-                continue
-            track = self._track(rid)
-            await self._settle_lag(rid, track, fill=True)
-
-    async def _settle_lag(self, rid: str, track: _Track, *, fill: bool) -> None:
-        lag = self._skipped.pop(rid, None)
-        if lag is None:
-            return
-        await self.ws.send_text(dumps({"type": "lagged", "request_id": rid, "skipped": lag.count}))
-        if track.epoch is None:
-            track.epoch = lag.epoch
-        if lag.epoch != track.epoch:
-            return  # dropped events of a stream that has since been reset
-        if track.last is None:
-            track.last = lag.first - 1
-        if fill and lag.last > track.last:
-            await self._replay(rid, track, lag.last)
-
-    async def _apply_reset(self, rid: str, epoch: str | None, reason: str) -> None:
-        # The new incarnation of the stream starts over at seq 1: forget what
-        # was sent, tell the client, and continue with the new epoch.
-        track = self._track(rid)
-        track.last, track.epoch = 0, epoch
-        self._skipped.pop(rid, None)
-        await self.ws.send_text(dumps(self._resync(rid, epoch, reason)))
-
-    async def _send_event(self, env: Envelope) -> None:
-        track = self._track(env.request_id)
-        if track.epoch is not None and env.epoch != track.epoch:
-            await self._apply_reset(env.request_id, env.epoch, "epoch_changed")
-        if track.epoch is None:
-            track.epoch = env.epoch
-        if env.request_id in self._skipped:
-            await self._settle_lag(env.request_id, track, fill=False)
-        if track.last is not None and env.seq <= track.last:
-            return
-        if track.last is not None and env.seq > track.last + 1:
-            await self._replay(env.request_id, track, env.seq - 1)
-            if env.seq <= (track.last or 0):
-                return
-        await self._send_frame(env)
-        track.last = env.seq
-
-    async def _send_frame(self, env: Envelope) -> None:
-        if env.run_id is not None and self._runs and env.run_id not in self._runs:
-            return  # workflow events of other runs, once the client chose runs
-        await self.ws.send_text(env.frame)
-        self.metrics.events_out.inc()
-        self.metrics.bytes_out.inc(env.nbytes)
-        if env.ts:
-            self.metrics.latency.observe(max(0.0, time.time() - env.ts / 1000))
-
-    async def _replay(self, rid: str, track: _Track, until: int) -> None:
-        after = track.last or 0
-        try:
-            async for batch in self.store.replay(rid, track.epoch or "", after, until):
-                for env in batch:
-                    if env.seq <= (track.last or 0):
-                        continue
-                    await self._send_frame(env)
-                    self.metrics.replayed.inc()
-                    track.last = env.seq
-        except HistoryGap as gap:
-            track.last = until
-            frame = self._resync(
-                rid,
-                track.epoch,
-                "history_trimmed",
-                first_available_seq=gap.first_available,
-                last_seq=until,
-            )
-            await self.ws.send_text(dumps(frame))
+        self._queue.push_control(dumps(frame))
 
     async def _close(self, code: int, reason: str) -> None:
         if self.ws.application_state == WebSocketState.CONNECTED:

@@ -30,11 +30,12 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from ..aio import stop_task
 from ..config import GlobalConfig
 from ..keys import Keys, probe_channel
 from .envelope import Envelope, EnvelopeError
@@ -58,27 +59,6 @@ class HubUnavailable(Exception):
     """The hub could not make a subscription live in time."""
 
 
-async def stop_task(task: asyncio.Task[Any], retry_every: float = 0.1) -> BaseException | None:
-    """Cancel ``task``, wait until it has finished, and return its exception, if any.
-
-    One ``cancel()`` is not always enough: on Python 3.11, ``asyncio.wait_for``
-    returns the result instead of raising when the cancellation lands just as
-    the awaited operation completes (CPython gh-86296, fixed in 3.12), and
-    redis-py sends every command through ``wait_for`` when ``socket_timeout``
-    is set. A task cancelled while it talks to Redis then carries on, and an
-    ``await task`` after a single cancel can hang for good (a hub that never
-    rebuilds its connection, a shutdown that never ends). So cancel again
-    until it is done. Our own cancellation is never swallowed: ``asyncio.wait``
-    lets it through.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait([task], timeout=retry_every)
-    if task.cancelled():
-        return None
-    return task.exception()
-
-
 @dataclass(slots=True)
 class _Cursor:
     last: int
@@ -98,6 +78,8 @@ class Hub:
         self.keys = Keys(config.redis.tenant)
         self.store = RequestStore(redis, self.keys, config.history.replay_batch)
         self.gateway_id = uuid.uuid4().hex[:12]
+        # Every hub log line names its gateway (a field of its own in JSON logs).
+        self.log = logging.LoggerAdapter(log, {"gateway_id": self.gateway_id})
         self._probe_channel = probe_channel(self.gateway_id)
         self._by_request: dict[str, set[Subscriber]] = {}
         self._firehose: set[Subscriber] = set()
@@ -200,7 +182,7 @@ class Hub:
             try:
                 await self._pubsub.subscribe(channel)
             except Exception as exc:  # the supervisor will rebuild the connection
-                log.warning("subscribe %s failed: %s", channel, exc)
+                self.log.warning("subscribe %s failed: %s", channel, exc)
                 self._wake.set()
 
     async def _unsubscribe(self, channel: str) -> None:
@@ -209,7 +191,7 @@ class Hub:
             try:
                 await self._pubsub.unsubscribe(channel)
             except Exception as exc:
-                log.warning("unsubscribe %s failed: %s", channel, exc)
+                self.log.warning("unsubscribe %s failed: %s", channel, exc)
                 self._wake.set()
 
     async def _wait_live(self, channel: str) -> None:
@@ -241,7 +223,7 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("pub/sub connection lost: %s", exc)
+                self.log.warning("pub/sub connection lost: %s", exc)
             self.metrics.redis_reconnects.inc()
             self.reconnects += 1
             await self._drop_pubsub()
@@ -283,7 +265,7 @@ class Hub:
             for task in (reader, prober):
                 exc = await stop_task(task)
                 if exc is not None:
-                    log.error("%s failed", task.get_name(), exc_info=exc)
+                    self.log.error("%s failed", task.get_name(), exc_info=exc)
         raise ConnectionError("pub/sub connection torn down")
 
     async def _read(self, pubsub: PubSub) -> None:
@@ -303,7 +285,7 @@ class Hub:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("pub/sub reader stopped: %s", exc)
+            self.log.warning("pub/sub reader stopped: %s", exc)
             self._wake.set()
 
     async def _probe(self) -> None:
@@ -315,9 +297,9 @@ class Hub:
                 try:
                     await asyncio.wait_for(self.redis.publish(self._probe_channel, b"p"), timeout)
                 except Exception as exc:
-                    log.warning("probe publish failed: %s", exc)
+                    self.log.warning("probe publish failed: %s", exc)
                 if time.monotonic() - self._last_probe_rx > interval + timeout:
-                    log.warning("probe did not come back within %.1fs: rebuilding", timeout)
+                    self.log.warning("probe did not come back within %.1fs: rebuilding", timeout)
                     self.metrics.probe_failures.inc()
                     self._wake.set()
                     return
@@ -342,7 +324,7 @@ class Hub:
         try:
             env = Envelope.parse(data)
         except EnvelopeError as exc:
-            log.warning("ignoring message on %s: %s", channel, exc)
+            self.log.warning("ignoring message on %s: %s", channel, exc)
             return
         self.metrics.events_in.inc()
         await self._dispatch(env)

@@ -173,7 +173,7 @@ async def test_stalled_client_drops_oldest_then_catches_up(
         envs = await h.publish(rid, 200)
         for env in envs:
             h.conn.offer(env)
-        assert len(h.conn._events) <= 10  # bounded while stalled
+        assert len(h.conn._queue) <= 10  # bounded while stalled
         h.ws.flowing.set()
         await h.until(lambda: h.ws.events(rid)[-1:] == [201])
         assert h.ws.events(rid) == list(range(1, 202))  # continuous, no duplicate
@@ -187,7 +187,7 @@ async def test_queue_is_bounded_by_bytes(fake_redis: fakeredis.FakeAsyncRedis) -
         h.ws.flowing.clear()
         for env in await h.publish(rid, 100):
             h.conn.offer(env)
-        assert h.conn._bytes <= 2_000
+        assert h.conn._queue.nbytes <= 2_000
 
 
 async def test_lag_beyond_history_is_resync_required(fake_redis: fakeredis.FakeAsyncRedis) -> None:

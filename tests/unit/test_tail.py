@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from typing import Any
 
 from relay.render import TreeRenderer, format_tokens
@@ -193,3 +194,17 @@ def test_console_never_prompts_without_input() -> None:
     c, _ = console(interactive=False)
     c.on_message(json.dumps(frame("budget_warning", tokens_used=8, budget_total=10)))
     assert c.prompts == []
+
+
+def test_a_long_running_tail_stays_bounded() -> None:
+    from relay.render import REMEMBER_MAX
+
+    renderer = TreeRenderer()
+    for _ in range(REMEMBER_MAX + 50):
+        renderer.feed(
+            {"type": "agent_spawned", "agent_id": str(uuid.uuid4()), "parent_id": None,
+             "task_description": "t", "depth": 0, "index": 0, "total": 1,
+             "request_id": str(uuid.uuid4()), "seq": 1, "ts": 1}
+        )  # fmt: skip
+    assert len(renderer._agents) == REMEMBER_MAX
+    assert len(renderer._requests) == REMEMBER_MAX
