@@ -70,6 +70,8 @@ class Console:
             try:
                 async with websockets.connect(self.url, max_size=None, open_timeout=5) as ws:
                     delay = 0.5
+                    following = ", ".join(map(short, self.request_ids)) or "every request"
+                    self._notice(f"connected to {self.url}, following {following}")
                     if connected_once and not self.request_ids:
                         self._emit(["reconnected (events published meanwhile are not replayed;"
                                     " --request-id resumes)"])  # fmt: skip

@@ -41,9 +41,19 @@
         roots: new Set(), status: "running", used: null, paused: false };
       store.requests.set(rid, s);
       trimRequests();
+      autoOpen(rid);
     }
     if (ts) s.lastTs = Math.max(s.lastTs || 0, ts);
     return s;
+  }
+
+  // A newcomer should see a tree at once: open the first request this page
+  // learns of, once, unless the URL already says which requests to show.
+  let autoOpenDone = /open=/.test(location.hash);
+  function autoOpen(rid) {
+    if (autoOpenDone) return;
+    autoOpenDone = true;
+    setTimeout(() => { if (store.views.size === 0) openRequest(rid); }, 0);
   }
 
   function trimRequests() {
@@ -525,7 +535,12 @@
     const dom = { badge: h("span", { "data-testid": `request-status-${s.id}` }),
       meta: h("span", { class: "req-counts" }), ago: h("span", { class: "ago" }) };
     dom.button = h("button", { class: "req", "data-testid": `request-${s.id}`,
-      onclick: () => (store.views.has(s.id) ? closeRequest(s.id) : openRequest(s.id)) },
+      // Opens (or brings into view) the request; its panel's Close button closes it.
+      onclick: () => {
+        openRequest(s.id);
+        const panel = document.querySelector(`[data-testid="panel-${s.id}"]`);
+        if (panel) panel.scrollIntoView({ block: "nearest" });
+      } },
     h("span", { class: "req-top" }, h("span", { class: "mono req-id", text: s.id, title: s.id }), dom.badge),
     h("span", { class: "req-meta" }, dom.meta, dom.ago));
     dom.li = h("li", {}, dom.button);

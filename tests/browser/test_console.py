@@ -109,6 +109,17 @@ async def test_page_is_self_contained(page: Page, gateway: Gateway) -> None:
     await expect(page.get_by_test_id("panels-empty")).to_be_visible()
 
 
+async def test_a_fresh_page_opens_the_first_request_it_sees(page: Page, simulate: StartSim) -> None:
+    """A newcomer sees a tree at once, without knowing to click the list."""
+    rid, _ = simulate("--agents", "3", "--deltas", "200", "--delta-interval", "0.05")
+    await expect(page.get_by_test_id(f"panel-{rid}")).to_be_visible(timeout=20_000)
+    await expect(page.locator(f"[data-testid=panel-{rid}] .agent").first).to_be_visible()
+    await page.get_by_test_id(f"close-{rid}").click()
+    await expect(page.get_by_test_id(f"panel-{rid}")).to_have_count(0)
+    await page.get_by_test_id(f"request-{rid}").click()  # the list reopens it
+    await expect(page.get_by_test_id(f"panel-{rid}")).to_be_visible()
+
+
 async def test_cancel_marks_agents_cancelled(
     page: Page, simulate: StartSim, tmp_path: Path
 ) -> None:
