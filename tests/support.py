@@ -46,6 +46,37 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05, what
     raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
+def http_get(url: str, timeout: float = 3.0) -> tuple[int, bytes]:
+    """GET ``url``; (status, body) also for 4xx/5xx answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def http_post_json(url: str, body: dict[str, Any], timeout: float = 5.0) -> tuple[int, Any]:
+    """POST ``body`` as JSON; (status, decoded JSON answer) also for 4xx/5xx answers."""
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST",
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+async def eventually(predicate: Any, timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll ``predicate`` until it is true; TimeoutError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
 class RedisServer:
     """A redis-server process on a free port, restartable on the same port and dir."""
 
@@ -193,24 +224,11 @@ class Gateway(RelayProcess):
         return f"ws://127.0.0.1:{self.port}/ws/events"
 
     def get(self, path: str) -> tuple[int, dict[str, Any]]:
-        try:
-            with urllib.request.urlopen(self.http + path, timeout=2) as resp:
-                return resp.status, json.loads(resp.read() or b"{}")
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
+        status, raw = http_get(self.http + path)
+        return status, json.loads(raw or b"{}")
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(
-            self.http + path,
-            data=json.dumps(body).encode(),
-            method="POST",
-            headers={"content-type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                return resp.status, json.loads(resp.read() or b"{}")
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
+        return http_post_json(self.http + path, body)
 
     def ready(self) -> bool:
         return self.get("/readyz")[0] == 200

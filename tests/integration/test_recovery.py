@@ -22,7 +22,7 @@ import pytest
 
 from relay.client import Published, RelayClient
 from relay.config import HistoryConfig
-from tests.support import Gateway, RedisServer, WsClient
+from tests.support import Gateway, RedisServer, WsClient, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +35,6 @@ def delta(text: str = "x") -> dict[str, Any]:
 
 def seqs(frames: list[dict[str, Any]], rid: str) -> list[int]:
     return [f["seq"] for f in frames if f.get("request_id") == rid and "seq" in f and "ts" in f]
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass
@@ -67,7 +59,7 @@ class Stream:
                 self.published.append(await pub.publish_many(self.rid, [delta(str(i))]))
 
     async def reach(self, count: int) -> None:
-        await until(lambda: len(self.published) >= count, 30, f"{count} publishes")
+        await eventually(lambda: len(self.published) >= count, 30, f"{count} publishes")
 
 
 @contextlib.asynccontextmanager
@@ -195,7 +187,7 @@ async def test_gateway_sigkill_clients_resume_on_the_other(
         moved = cs[2:]  # the victim's firehose and narrowed clients
         publisher = asyncio.create_task(stream.run())
         await stream.reach(400)
-        await until(lambda: all(len(c.events(rid)) >= 300 for c in moved), 10, "traffic")
+        await eventually(lambda: all(len(c.events(rid)) >= 300 for c in moved), 10, "traffic")
         victim.stop(signal.SIGKILL)
         for client in moved:
             await asyncio.wait_for(client.closed.wait(), 10)
@@ -246,7 +238,7 @@ async def test_pubsub_connection_killed_by_redis_is_rebuilt_without_loss(
             return status == 200 and body["reconnects"] >= 1 and body["pubsub_connected"]
 
         for gw in gws:
-            await until(lambda g=gw: recovered(g), 5, "readyz after reconnect")
+            await eventually(lambda g=gw: recovered(g), 5, "readyz after reconnect")
         # Probe interval 0.5 s, timeout 1 s in these gateways.
         assert time.monotonic() - killed_at < 2.5
         await publisher
@@ -278,10 +270,10 @@ async def test_frozen_redis_is_detected_by_the_probe(
         assert redis_server.proc is not None
         redis_server.proc.send_signal(signal.SIGSTOP)
         try:
-            await until(lambda: gw.get("/readyz")[0] == 503, 5, "readyz 503 while frozen")
+            await eventually(lambda: gw.get("/readyz")[0] == 503, 5, "readyz 503 while frozen")
         finally:
             redis_server.proc.send_signal(signal.SIGCONT)
-        await until(lambda: gw.get("/readyz")[0] == 200, 10, "readyz 200 after thaw")
+        await eventually(lambda: gw.get("/readyz")[0] == 200, 10, "readyz 200 after thaw")
         await publisher
         for client in cs:
             await client.wait_for(lambda c: total in seqs(c.frames, rid), timeout=20)
@@ -489,13 +481,13 @@ async def test_client_connecting_during_an_outage_is_served_once_redis_is_back(
     gw = start_gateway({"RELAY_REDIS_SOCKET_TIMEOUT": "1"})
     rid = str(uuid.uuid4())
     redis_server.stop()
-    await until(lambda: gw.get("/readyz")[0] == 503, 10, "readyz 503 while Redis is down")
+    await eventually(lambda: gw.get("/readyz")[0] == 503, 10, "readyz 503 while Redis is down")
     async with WsClient(gw.ws_url) as client:
         # Told that the stream is unavailable right now, but not forgotten.
         await client.wait_for(lambda c: bool(c.of_type("error")), timeout=10)
         assert client.of_type("error")[0]["code"] == "unavailable"
         await asyncio.to_thread(redis_server.start)
-        await until(lambda: gw.get("/readyz")[0] == 200, 10, "readyz 200 after Redis is back")
+        await eventually(lambda: gw.get("/readyz")[0] == 200, 10, "readyz 200 after Redis is back")
         async with RelayClient.from_url(redis_server.url) as pub:
             await pub.publish(rid, delta("after the outage"))
         await client.wait_for(lambda c: seqs(c.frames, rid) == [1], timeout=10)

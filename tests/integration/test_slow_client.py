@@ -27,7 +27,7 @@ from websockets.asyncio.client import ClientConnection
 
 from relay.client import RelayClient
 from relay.config import HistoryConfig
-from tests.support import Gateway, RedisServer, WsClient
+from tests.support import Gateway, RedisServer, WsClient, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -81,14 +81,6 @@ async def publish_bulk(url: str, rid: str, count: int, history: HistoryConfig) -
             await pub.publish_text_deltas(rid, agent, [payload() for _ in range(n)])
 
 
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def read_until(
     ws: ClientConnection, last: dict[str, int], timeout: float
 ) -> list[dict[str, Any]]:
@@ -136,14 +128,14 @@ async def test_stalled_client_is_bounded_and_does_not_delay_others(
         # Warm up every code path first so that what RSS measures is queues.
         await publish_bulk(redis_server.url, rid, warmup, history)
         for client in (narrowed, firehose):
-            await until(lambda c=client: len(c.events(rid)) >= warmup, 20, "warm-up")
+            await eventually(lambda c=client: len(c.events(rid)) >= warmup, 20, "warm-up")
         rss_before = gateway_rss(gw)
 
         started = time.monotonic()
         await publish_bulk(redis_server.url, rid, flood, history)
         published = time.monotonic()
         for client in (narrowed, firehose):
-            await until(lambda c=client: total in event_seqs(c.frames, rid), 30, "readers")
+            await eventually(lambda c=client: total in event_seqs(c.frames, rid), 30, "readers")
         # The readers are not held back by the stalled client: they finish
         # shortly after the publisher, not after some timeout of the stalled one.
         lag = time.monotonic() - published
@@ -184,8 +176,8 @@ async def test_stalled_firehose_client_gets_the_tail_of_a_finished_request(
         # A few events of another request push the first one's tail out of
         # the stalled client's queue.
         await publish_bulk(redis_server.url, second, 100, history)
-        await until(lambda: len(reader.events(second)) >= 100, 20, "the reader")
-        await until(lambda: metric(gw, "relay_queue_drops_total") > 0, 10, "drops")
+        await eventually(lambda: len(reader.events(second)) >= 100, 20, "the reader")
+        await eventually(lambda: metric(gw, "relay_queue_drops_total") > 0, 10, "drops")
 
         frames = await read_until(stalled, {first: 3000, second: 100}, timeout=30)
         assert event_seqs(frames, first) == list(range(1, 3001))
@@ -212,7 +204,7 @@ async def test_overflow_policy_close_closes_with_1013(
         stalled_client(f"{gw.ws_url}?request_id={rid}") as stalled,
     ):
         await reader.request({"type": "ping"}, "pong")
-        await until(lambda: metric(gw, "relay_connections") == 2, 10, "two connections")
+        await eventually(lambda: metric(gw, "relay_connections") == 2, 10, "two connections")
         rss_before = gateway_rss(gw)
         # Paced (about 5,000 events/s) so the reading client never fills its queue.
         async with RelayClient.from_url(redis_server.url, history=history) as pub:
@@ -220,7 +212,7 @@ async def test_overflow_policy_close_closes_with_1013(
             for _ in range(0, total, 20):
                 await pub.publish_text_deltas(rid, agent, [payload() for _ in range(20)])
                 await asyncio.sleep(0.004)
-        await until(lambda: total in event_seqs(reader.frames, rid), 20, "the reader")
+        await eventually(lambda: total in event_seqs(reader.frames, rid), 20, "the reader")
         assert event_seqs(reader.frames, rid) == list(range(1, total + 1))
         assert not reader.closed.is_set() and not reader.of_type("lagged")
         # Once over its limit the stalled connection takes no more events,
@@ -239,7 +231,7 @@ async def test_overflow_policy_close_closes_with_1013(
         got = event_seqs(frames, rid)
         assert got == list(range(1, len(got) + 1))
         assert len(got) < total
-        await until(lambda: metric(gw, "relay_connections") == 1, 10, "stalled one released")
+        await eventually(lambda: metric(gw, "relay_connections") == 1, 10, "stalled one released")
 
 
 async def test_stalled_firehose_client_that_subscribes_gets_an_exact_stream(
@@ -254,10 +246,10 @@ async def test_stalled_firehose_client_that_subscribes_gets_an_exact_stream(
     async with stalled_client(gw.ws_url) as stalled:
         await stalled.send(json.dumps({"type": "ping"}))
         await publish_bulk(redis_server.url, rid, 6000, history)
-        await until(lambda: metric(gw, "relay_queue_drops_total") > 0, 10, "drops")
+        await eventually(lambda: metric(gw, "relay_queue_drops_total") > 0, 10, "drops")
         await stalled.send(json.dumps({"type": "subscribe", "request_id": rid, "after_seq": 0}))
         # Commands are read while the client reads nothing; wait until it ran.
-        await until(lambda: metric(gw, "relay_commands_total") >= 2, 10, "the subscribe")
+        await eventually(lambda: metric(gw, "relay_commands_total") >= 2, 10, "the subscribe")
         await publish_bulk(redis_server.url, rid, 10, history)
         frames = await read_until(stalled, {rid: 6010}, timeout=30)
         cut = next(i for i, f in enumerate(frames) if f.get("type") == "subscribed")

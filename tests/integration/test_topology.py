@@ -13,7 +13,6 @@ import contextlib
 import json
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,7 +25,17 @@ from typing import Any
 import pytest
 import websockets
 
-from tests.support import Gateway, RedisServer, RelayProcess, WsClient, free_port, wait_for
+from tests.support import (
+    Gateway,
+    RedisServer,
+    RelayProcess,
+    WsClient,
+    eventually,
+    free_port,
+    http_get,
+    http_post_json,
+    wait_for,
+)
 from tests.unit.test_deploy_files import GATEWAYS, HAPROXY, HAPROXY_CFG, localize_haproxy_cfg
 
 pytestmark = [
@@ -81,24 +90,12 @@ class HAProxy:
                 self.proc.wait(5)
 
     def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.http + path, timeout=3) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read().decode()
+        status, raw = http_get(self.http + path)
+        return status, raw.decode()
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(
-            self.http + path,
-            data=json.dumps(body).encode(),
-            method="POST",
-            headers={"content-type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                return resp.status, json.loads(resp.read() or b"{}")
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
+        status, answer = http_post_json(self.http + path, body)
+        return status, answer
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -166,18 +163,10 @@ async def final_seq(lb: HAProxy, rid: str) -> int:
     return int(reply["seq"])
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def wait_exit(proc: RelayProcess, timeout: float) -> int:
     """Wait for a process without blocking the event loop (clients keep reading)."""
     try:
-        await wait_until(lambda: not proc.alive(), timeout, "simulate to exit")
+        await eventually(lambda: not proc.alive(), timeout, "simulate to exit")
     except TimeoutError:
         raise AssertionError(f"simulate still running after {timeout}s:\n{proc.output()}") from None
     return proc.wait(1)
@@ -326,13 +315,13 @@ async def test_clients_of_a_killed_gateway_resume_through_the_balancer(
     try:
         for client in clients:
             client.start()
-        await wait_until(
+        await eventually(
             lambda: sum(topology.connections(n) for n in GATEWAYS) == len(clients),
             10,
             "every client connected",
         )
         sim = topology.simulate(rid, *MEDIUM_RUN, *QUIET)
-        await wait_until(lambda: all(c.last >= 20 for c in clients), 30, "20 events each")
+        await eventually(lambda: all(c.last >= 20 for c in clients), 30, "20 events each")
         assert sim.alive(), "the run ended before the kill; make it longer"
 
         victim = max(GATEWAYS, key=topology.connections)
@@ -344,7 +333,7 @@ async def test_clients_of_a_killed_gateway_resume_through_the_balancer(
         assert await wait_exit(sim, 60) == 0, sim.output()
         last = await final_seq(topology.lb, rid)
         assert last > seen_at_kill, "no event was published after the kill"
-        await wait_until(
+        await eventually(
             lambda: all(c.last >= last for c in clients), 20, "every client at the last seq"
         )
     finally:
