@@ -23,6 +23,7 @@ from typing import Any, Self
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import HistoryConfig
@@ -31,6 +32,8 @@ from .keys import Keys
 from .scripts import is_noscript, script
 
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+RETRY_MARGIN_SECONDS = 60
+"""Added to the retry bound when a retry looks for its first attempt in history."""
 ACTIVE_TRIM_EVERY = 256
 """Publishes per client between trims of the tenant's activity index."""
 
@@ -178,11 +181,19 @@ class RelayClient:
                 rk.channel,
                 self.keys.firehose_channel,
                 publish_id,
-                "1" if attempt else "0",
+                # On a retry: how far back (ms, Redis clock) the first attempt
+                # can have landed, with room for socket timeouts and skew.
+                str(int((self.publish_retry_seconds + RETRY_MARGIN_SECONDS) * 1000))
+                if attempt
+                else "0",
                 *encoded,
             ]
             try:
                 return await self._run(rid, rk.script_keys, args)
+            except ResponseError as exc:
+                # The server refused the script (out of memory, a read-only
+                # replica, a wrong key type): retrying will not help.
+                raise PublishError(f"publish to request {rid} refused by Redis: {exc}") from exc
             except RETRYABLE as exc:
                 attempt += 1
                 if time.monotonic() + delay > deadline:

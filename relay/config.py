@@ -74,6 +74,7 @@ class GatewayConfig(_Section):
     reconnect_backoff_max: PositiveFloat = 2.0
     drain_timeout: PositiveFloat = 8.0
     firehose_track_requests: PositiveInt = 4096
+    max_subscriptions: PositiveInt = 256
 
 
 class HistoryConfig(_Section):

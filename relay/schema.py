@@ -36,7 +36,12 @@ SERVER_FRAMES: dict[str, dict[str, Any]] = {
         "required": ["type", "request_id", "epoch", "reason"],
         "properties": {
             "reason": {
-                "enum": ["epoch_changed", "history_trimmed", "ahead_of_stream"],
+                "enum": [
+                    "epoch_changed",
+                    "history_trimmed",
+                    "history_unavailable",
+                    "ahead_of_stream",
+                ],
             },
             "first_available_seq": {"type": ["integer", "null"]},
             "last_seq": {"type": "integer"},

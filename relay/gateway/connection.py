@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..aio import stop_task
@@ -52,7 +54,8 @@ class CommandHandler(Protocol):
 @dataclass(slots=True)
 class _Sub:
     hold: bool = True
-    pending: list[Envelope] = field(default_factory=list)
+    """Events arriving while the subscription starts wait in ``pending``."""
+    pending: deque[Envelope] = field(default_factory=deque)
 
 
 class Connection:
@@ -198,7 +201,12 @@ class Connection:
             self._reply(exc.frame())
             return
         try:
-            reply = await self._execute(command)
+            try:
+                reply = await self._execute(command)
+            except RedisError as exc:
+                # Redis trouble is the gateway's problem, not the client's:
+                # answer it and keep the connection.
+                raise CommandError("unavailable", f"Redis is unavailable: {exc}") from None
         except CommandError as exc:
             exc.command_id = command.command_id
             self.metrics.commands.labels(type=command.type, outcome=exc.code).inc()
@@ -219,6 +227,9 @@ class Connection:
         if isinstance(command, Unsubscribe):
             return await self._unsubscribe(str(command.request_id))
         if isinstance(command, SubscribeWorkflow):
+            full = len(self._runs) >= self.config.gateway.max_subscriptions
+            if full and str(command.run_id) not in self._runs:
+                raise CommandError("too_many_subscriptions", "too many workflow runs")
             self._runs.add(str(command.run_id))
             return {"type": "workflow_subscribed", "run_id": str(command.run_id)}
         if isinstance(command, UnsubscribeWorkflow):
@@ -231,13 +242,17 @@ class Connection:
 
     async def _subscribe(self, cmd: Subscribe) -> None:
         rid = str(cmd.request_id)
+        limit = self.config.gateway.max_subscriptions
+        if rid not in self._subs and len(self._subs) >= limit:
+            raise CommandError(
+                "too_many_subscriptions", f"a connection may subscribe to {limit} requests"
+            )
         if rid not in self._subs:
-            self._subs[rid] = sub = _Sub()
+            self._subs[rid] = sub = _Sub(pending=deque(maxlen=self.config.gateway.send_queue_max))
             try:
                 await self.hub.watch(rid, self)
-            except HubUnavailable as exc:
-                del self._subs[rid]
-                await self.hub.unwatch(rid, self)
+            except (HubUnavailable, RedisError) as exc:
+                await self._drop_subscription(rid)
                 raise CommandError("unavailable", str(exc)) from None
         else:
             sub = self._subs[rid]
@@ -247,10 +262,22 @@ class Connection:
             await self.hub.unwatch_all(self)
         try:
             await self._start_subscription(rid, cmd)
+        except RedisError:
+            await self._drop_subscription(rid)
+            raise
         finally:
-            pending, sub.pending, sub.hold = sub.pending, [], False
-            for env in pending:
-                self._queue.push_event(env)
+            # Held events that overflowed the buffer were the oldest; the
+            # writer sees the gap before the first kept one and refills it.
+            pending, sub.pending, sub.hold = list(sub.pending), deque(), False
+            if rid in self._subs:
+                for env in pending:
+                    self._queue.push_event(env)
+
+    async def _drop_subscription(self, rid: str) -> None:
+        self._subs.pop(rid, None)
+        await self.hub.unwatch(rid, self)
+        if not self._subs and not self._firehose:
+            await self._go_firehose()
 
     async def _start_subscription(self, rid: str, cmd: Subscribe) -> None:
         pos = await self.store.position(rid)

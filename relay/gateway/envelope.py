@@ -66,7 +66,14 @@ class Envelope:
             kind = str(obj.get("type", ""))
             rid = obj.get("run_id")
             run_id = rid if isinstance(rid, str) else None
-        return cls(request_id, seq, epoch, kind, text, run_id, len(text), 0)
+        return cls(request_id, seq, epoch, kind, text, run_id, len(text), frame_ts(text))
+
+
+def frame_ts(frame: str) -> int:
+    """The ``ts`` of a frame, read from its tail (the script appends it last); 0 if absent."""
+    _, sep, tail = frame.rpartition(',"ts":')
+    digits = tail[:-1] if tail.endswith("}") else ""
+    return int(digits) if sep and digits.isdigit() else 0
 
 
 def history_seq(entry_id: bytes | str) -> int:

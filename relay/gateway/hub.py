@@ -38,6 +38,7 @@ from redis.asyncio.client import PubSub
 from ..aio import stop_task
 from ..config import GlobalConfig
 from ..keys import Keys, probe_channel
+from ..scripts import script
 from .envelope import Envelope, EnvelopeError
 from .metrics import Metrics
 from .store import HistoryGap, RequestStore
@@ -63,6 +64,8 @@ class HubUnavailable(Exception):
 class _Cursor:
     last: int
     epoch: str | None
+    ts: int = 0
+    """Redis time of the event at ``last``: tells a reused seq from the one forwarded."""
 
 
 class Hub:
@@ -89,6 +92,7 @@ class Hub:
         self._live_changed = asyncio.Condition()
         self._last_probe_rx = 0.0
         self._connected = False
+        self._synced = False
         self._disconnected_at: float | None = time.time()
         self._supervisor: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -110,9 +114,9 @@ class Hub:
 
     @property
     def ready(self) -> bool:
-        """Subscribed, and the last probe came back in time."""
+        """Subscribed, caught up after the last reconnect, and the last probe came back in time."""
         window = self.config.gateway.probe_interval + self.config.gateway.probe_timeout
-        return self._connected and time.monotonic() - self._last_probe_rx < window
+        return self._connected and self._synced and time.monotonic() - self._last_probe_rx < window
 
     def status(self) -> dict[str, object]:
         """Facts for ``/readyz``."""
@@ -218,17 +222,19 @@ class Hub:
         while True:
             try:
                 await self._connect()
-                delay = 0.05
                 await self._run_connected()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.log.warning("pub/sub connection lost: %s", exc)
+            # Back off from scratch only after a connection that really
+            # worked (caught up): one that fails during its backfill, or while
+            # Redis is still loading, keeps growing the delay up to the cap.
+            delay = 0.05 if self._synced else min(delay * 2, cap)
             self.metrics.redis_reconnects.inc()
             self.reconnects += 1
             await self._drop_pubsub()
             await asyncio.sleep(delay * random.uniform(0.7, 1.3))
-            delay = min(delay * 2, cap)
 
     async def _connect(self) -> None:
         pubsub = self._pubsub_redis.pubsub()
@@ -240,6 +246,7 @@ class Hub:
     async def _drop_pubsub(self) -> None:
         was_connected = self._connected
         self._connected = False
+        self._synced = False
         if was_connected or self._disconnected_at is None:
             self._disconnected_at = time.time()
         async with self._live_changed:
@@ -347,7 +354,7 @@ class Hub:
         if cursor is None:
             cursor = self._cursors[env.request_id] = _Cursor(env.seq, env.epoch)
             self._evict()
-        cursor.last, cursor.epoch = env.seq, env.epoch
+        cursor.last, cursor.epoch, cursor.ts = env.seq, env.epoch, env.ts
         self._cursors.move_to_end(env.request_id)
 
     def _evict(self) -> None:
@@ -371,37 +378,84 @@ class Hub:
         for sub in list(self._by_request.get(request_id, ())) + list(self._firehose):
             sub.stream_reset(request_id, epoch, reason)
 
-    async def _backfill(self, request_id: str, epoch: str, after: int, until: int | None) -> None:
+    async def _backfill(
+        self, request_id: str, epoch: str, after: int, until: int | None, min_ts: int = 0
+    ) -> None:
         try:
             async for batch in self.store.replay(request_id, epoch, after, until):
                 for env in batch:
                     self._advance(env)
-                    self._fan_out(env)
-        except HistoryGap:
-            self._reset(request_id, epoch, "history_trimmed")
+                    if env.ts >= min_ts:
+                        self._fan_out(env)
+        except HistoryGap as gap:
+            # Hand out what history still has. Each connection then sees its
+            # own gap and is told to resync only if it really missed events;
+            # a reset sent from here reached clients whose position was fine.
+            if gap.first_available is not None:
+                await self._backfill(request_id, epoch, gap.first_available - 1, until, min_ts)
 
     async def _backfill_after_reconnect(self) -> None:
         """Bring every watched request (and the firehose) up to date after a reconnect."""
         since, self._disconnected_at = self._disconnected_at, None
-        requests = set(self._by_request)
+        requests = list(self._by_request)
+        floor = 0
         if self._firehose and since is not None:
             # Requests that published while we were away, seen or not.
             floor = int((since - 5) * 1000)
             active = await self.redis.zrangebyscore(self.keys.active, floor, "+inf")
-            requests.update(r.decode() if isinstance(r, bytes) else str(r) for r in active)
-        for rid in requests:
-            cursor = self._cursors.get(rid)
-            pos = await self.store.position(rid)
+            seen = set(requests)
+            for raw in active:
+                rid = raw.decode() if isinstance(raw, bytes) else str(raw)
+                if rid not in seen:
+                    requests.append(rid)
+                    seen.add(rid)
+        positions = await self.store.positions(requests)
+        for rid, pos in zip(requests, positions, strict=True):
             if pos.epoch is None:
                 continue
+            cursor = self._cursors.get(rid)
             if cursor is None or cursor.last < 0:
                 if rid in self._by_request:
                     continue  # watch() anchors it
-                # New to this gateway: firehose viewers get it from the start
-                # of what happened during the outage.
-                cursor = self._cursors[rid] = _Cursor(0, pos.epoch)
+                # New to this gateway: firehose viewers get what happened
+                # during the outage (bounded by one replay batch), not the
+                # whole history of the request.
+                start = max(0, pos.seq - self.config.history.replay_batch)
+                cursor = self._cursors[rid] = _Cursor(start, pos.epoch)
+                await self._backfill(rid, pos.epoch, start, pos.seq, min_ts=floor)
+                continue
             if cursor.epoch is not None and pos.epoch != cursor.epoch:
-                cursor.epoch, cursor.last = pos.epoch, 0
+                cursor.epoch, cursor.last, cursor.ts = pos.epoch, 0, 0
                 self._reset(rid, pos.epoch, "epoch_changed")
+            elif await self._rolled_back(rid, cursor, pos.seq):
+                epoch = await self._new_epoch(rid, pos.epoch)
+                cursor.epoch, cursor.last, cursor.ts = epoch, 0, 0
+                self._reset(rid, epoch, "epoch_changed")
             if pos.seq > cursor.last:
-                await self._backfill(rid, pos.epoch, cursor.last, pos.seq)
+                await self._backfill(rid, cursor.epoch or pos.epoch, cursor.last, pos.seq)
+        self._synced = True
+        # The backfill proves the server answers; do not let a long one trip
+        # the probe and tear down the connection it just caught up on.
+        self._last_probe_rx = time.monotonic()
+
+    async def _rolled_back(self, rid: str, cursor: _Cursor, seq: int) -> bool:
+        """True when Redis came back with an older copy of the request in the same epoch.
+
+        Seq went backwards, or the entry at the last seq we forwarded now holds
+        another event (published after a rollback, reusing the seq).
+        """
+        if cursor.last <= 0:
+            return False
+        if seq < cursor.last:
+            return True
+        if not cursor.ts:
+            return False
+        ts = await self.store.entry_ts(rid, cursor.last)
+        return ts is not None and ts != cursor.ts
+
+    async def _new_epoch(self, rid: str, seen: str) -> str:
+        self.log.warning("request %s rolled back in Redis: starting a new epoch", rid)
+        result = await script("epoch_bump")(
+            self.redis, [self.keys.request(rid).epoch], [seen, uuid.uuid4().hex[:12]]
+        )
+        return result.decode() if isinstance(result, bytes) else str(result or seen)

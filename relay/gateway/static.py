@@ -48,7 +48,12 @@ def _static_dir() -> str:
 
 
 class _ConsoleFiles(StaticFiles):
-    """``StaticFiles`` with the console's headers on every file."""
+    """``StaticFiles`` with the console's headers on every file.
+
+    ``.js`` is always served as JavaScript: the console is made of module
+    scripts, which browsers refuse under any other type (and ``nosniff``), and
+    ``mimetypes`` reads the platform's table, which can say otherwise.
+    """
 
     def file_response(
         self,
@@ -59,6 +64,8 @@ class _ConsoleFiles(StaticFiles):
     ) -> Response:
         response = super().file_response(full_path, stat_result, scope, status_code)
         response.headers.update(CONSOLE_HEADERS)
+        if response.status_code == 200 and str(full_path).endswith(".js"):
+            response.headers["content-type"] = "text/javascript; charset=utf-8"
         return response
 
 

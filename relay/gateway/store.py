@@ -15,7 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from ..keys import Keys
-from .envelope import Envelope, history_seq
+from .envelope import Envelope, frame_ts, history_seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,28 @@ class RequestStore:
         rk = self.keys.request(request_id)
         seq, epoch = await self.redis.mget([rk.seq, rk.epoch])
         return Position(int(seq) if seq is not None else 0, _text(epoch))
+
+    async def positions(self, request_ids: list[str]) -> list[Position]:
+        """Positions of several requests in one round trip."""
+        if not request_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in request_ids:
+            rk = self.keys.request(rid)
+            pipe.mget([rk.seq, rk.epoch])
+        return [
+            Position(int(seq) if seq is not None else 0, _text(epoch))
+            for seq, epoch in await pipe.execute()
+        ]
+
+    async def entry_ts(self, request_id: str, seq: int) -> int | None:
+        """The ``ts`` of history entry ``seq`` (None when history no longer has it)."""
+        rk = self.keys.request(request_id)
+        entries = await self.redis.xrange(rk.history, min=f"{seq}-0", max=f"{seq}-0")
+        if not entries or entries[0][1] is None:
+            return None
+        raw = entries[0][1][b"f"]
+        return frame_ts(raw.decode() if isinstance(raw, bytes) else raw)
 
     async def replay(
         self, request_id: str, epoch: str, after: int, until: int | None = None
@@ -110,15 +132,20 @@ class RequestStore:
                 extra[name] = json.loads(value)
         agents.sort(key=lambda a: (a.get("spawned_seq") or 0, a.get("agent_id", "")))
         for agent in agents:
-            # Lua's cjson turns an empty list into {}; keep the wire types stable.
             agent.setdefault("parent_id", None)
+        budget = extra.get("budget")
+        if isinstance(budget, dict):
+            # Lua's cjson encodes an empty list as {}: keep the wire types stable.
+            for name in ("completed_agents", "incomplete_agents"):
+                if budget.get(name) == {}:
+                    budget[name] = []
         return {
             "type": "snapshot",
             "request_id": request_id,
             "epoch": _text(epoch),
             "seq": int(seq) if seq is not None else 0,
             "agents": agents,
-            "budget": extra.get("budget"),
+            "budget": budget,
             "pending_decision": json.loads(pending) if pending is not None else None,
             "last_decision": extra.get("last_decision"),
             "synthesis_started": b"synthesis_seq" in state,

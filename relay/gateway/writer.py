@@ -11,12 +11,14 @@ queue are announced (``lagged``) and refilled the same way.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..config import GlobalConfig
@@ -24,6 +26,8 @@ from .envelope import Envelope
 from .metrics import Metrics
 from .sendqueue import Begin, SendQueue
 from .store import HistoryGap, RequestStore
+
+log = logging.getLogger(__name__)
 
 
 def dumps(obj: dict[str, Any]) -> str:
@@ -155,6 +159,8 @@ class OrderedWriter:
         await self.ws.send_text(dumps(self.resync(rid, epoch, reason)))
 
     async def _send_event(self, env: Envelope) -> None:
+        if not self.wants(env.request_id):
+            return  # queued before the client unsubscribed
         track = self.track(env.request_id)
         if track.epoch is not None and env.epoch != track.epoch:
             await self._apply_reset(env.request_id, env.epoch, "epoch_changed")
@@ -199,4 +205,11 @@ class OrderedWriter:
                 first_available_seq=gap.first_available,
                 last_seq=until,
             )
+            await self.ws.send_text(dumps(frame))
+        except RedisError as exc:
+            # History cannot be read now. Skipping ahead silently would leave
+            # a hole; say so instead and carry on live (the client resyncs).
+            log.warning("replay of %s failed: %s", rid, exc, extra={"request_id": rid})
+            track.last = max(track.last or 0, until)
+            frame = self.resync(rid, track.epoch, "history_unavailable", last_seq=until)
             await self.ws.send_text(dumps(frame))

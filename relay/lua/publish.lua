@@ -13,8 +13,9 @@
 -- ARGV[6] request channel
 -- ARGV[7] tenant firehose channel
 -- ARGV[8] publish id: a random id of this call, kept on its last history entry
--- ARGV[9] "1" when this call is a retry: if an entry with this publish id is
---         already in the recent history, nothing is published again
+-- ARGV[9] "0" on a first attempt; on a retry, the retry window in ms: if an
+--         entry with this publish id was written within it, nothing is
+--         published again and that entry's result is returned
 -- ARGV[10], ARGV[11], ...: pairs of (event type, event JSON object)
 --
 -- Returns {epoch, ts, first_seq, last_seq}.
@@ -31,12 +32,14 @@ local hist_ttl = tonumber(ARGV[4])
 local state_ttl = tonumber(ARGV[5])
 
 local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  -- A request with no epoch is new, or Redis lost it: start a new incarnation
-  -- so that clients holding an old seq are told to resync.
+if not epoch or redis.call('EXISTS', KEYS[1]) == 0 then
+  -- A request with no epoch or no seq is new, or Redis lost part of it
+  -- (eviction, a partial restore): start a new incarnation at seq 1, so that
+  -- clients holding an old seq are told to resync, and so that INCR can never
+  -- fall below the history's newest entry.
   epoch = ARGV[2]
+  redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
   redis.call('SET', KEYS[2], epoch)
-  redis.call('DEL', KEYS[3])
 end
 
 local t = redis.call('TIME')
@@ -113,18 +116,31 @@ local function update_state(seq, kind, body)
 end
 
 local count = (#ARGV - 9) / 2
-if ARGV[9] == '1' then
+if ARGV[9] ~= '0' then
   -- A retry after an ambiguous failure (connection lost after sending): make
-  -- the publish idempotent by looking for our id among the newest entries.
-  local recent = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 256)
-  for _, entry in ipairs(recent) do
-    local fields = entry[2]
-    for j = 1, #fields, 2 do
-      if fields[j] == 'p' and fields[j + 1] == ARGV[8] then
-        local last = tonumber(string.match(entry[1], '^(%d+)'))
-        return {epoch, ts, last - count + 1, last}
+  -- the publish idempotent by looking for our id among the entries written
+  -- within the retry window (Redis clock), however many other publishers
+  -- wrote meanwhile. Entries are newest first; stop at the first older one.
+  local cutoff = tonumber(ts) - tonumber(ARGV[9])
+  local upper = '+'
+  while true do
+    local recent = redis.call('XREVRANGE', KEYS[3], upper, '-', 'COUNT', 256)
+    local older = false
+    for _, entry in ipairs(recent) do
+      local fields = entry[2]
+      local entry_ts = nil
+      for j = 1, #fields, 2 do
+        if fields[j] == 'f' then
+          entry_ts = string.match(fields[j + 1], '"ts":(%d+)}$')
+        elseif fields[j] == 'p' and fields[j + 1] == ARGV[8] then
+          local last = tonumber(string.match(entry[1], '^(%d+)'))
+          return {epoch, entry_ts or ts, last - count + 1, last}
+        end
       end
+      if entry_ts and tonumber(entry_ts) < cutoff then older = true end
     end
+    if older or #recent < 256 then break end
+    upper = '(' .. recent[#recent][1]
   end
 end
 

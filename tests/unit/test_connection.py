@@ -325,3 +325,54 @@ async def test_bad_input_is_answered_and_the_connection_kept(
         codes = [f["code"] for f in h.ws.of_type("error")]
         assert len(codes) == 3 and "frame_too_large" in codes and "invalid_json" in codes
         assert h.ws.of_type("pong")[0]["command_id"] == "p"
+
+
+async def test_redis_trouble_is_answered_not_fatal(
+    fake_redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async with running(fake_redis) as h:
+
+        async def down(rid: str) -> None:
+            raise RedisConnectionError("Redis went away")
+
+        monkeypatch.setattr(h.hub.store, "position", down)
+        h.ws.client_sends({"type": "subscribe", "request_id": str(uuid.uuid4()), "command_id": 9})
+        h.ws.client_sends({"type": "ping"})
+        await h.until(lambda: bool(h.ws.of_type("pong")))
+        error = h.ws.of_type("error")[0]
+        assert error["code"] == "unavailable" and error["command_id"] == 9
+        assert h.conn in h.hub.firehose and not h.conn._subs  # back to every event
+
+
+async def test_unreadable_history_is_a_resync_not_a_hole(
+    fake_redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    rid = str(uuid.uuid4())
+    async with running(fake_redis) as h:
+        envs = await h.publish(rid, 5)
+
+        def down(*args: object, **kwargs: object) -> None:
+            raise RedisConnectionError("Redis went away")
+
+        monkeypatch.setattr(h.hub.store, "replay", down)
+        h.conn.offer(envs[0])
+        h.conn.offer(envs[4])  # 2..4 would need history
+        await h.until(lambda: h.ws.events(rid) == [1, 5])
+        resync = h.ws.of_type("resync_required")
+        assert resync and resync[0]["reason"] == "history_unavailable"
+        assert h.ws.sent.index(resync[0]) < len(h.ws.sent) - 1  # before event 5
+
+
+async def test_subscriptions_per_connection_are_capped(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    async with running(fake_redis, max_subscriptions=2) as h:
+        for _ in range(3):
+            h.ws.client_sends({"type": "subscribe", "request_id": str(uuid.uuid4())})
+        await h.until(lambda: bool(h.ws.of_type("error")))
+        assert h.ws.of_type("error")[0]["code"] == "too_many_subscriptions"
+        assert len(h.conn._subs) == 2

@@ -122,3 +122,36 @@ async def test_a_dead_listener_is_rebuilt_and_backfills(hub: Hub) -> None:
     await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "c"})
     await until(lambda: len(sub.got) == 3)
     assert [e.seq for e in sub.got] == [1, 2, 3]
+
+
+async def test_a_rollback_that_kept_the_epoch_gets_a_new_epoch(hub: Hub) -> None:
+    """Redis came back with an older copy (AOF everysec, a failover that lost
+    writes): the reused seqs must not vanish as duplicates."""
+    rid = str(uuid.uuid4())
+    sub = Recorder()
+    await hub.watch(rid, sub)
+    client = RelayClient(hub.redis, owns_connection=False)
+    for i in range(5):
+        await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": str(i)})
+    await until(lambda: len(sub.got) == 5)
+    rk = client.keys.request(rid)
+    old_epoch = (await hub.redis.get(rk.epoch)).decode()
+    # Roll the request back to seq 3, as a restore of an older copy would.
+    await hub.redis.set(rk.seq, 3)
+    kept = await hub.redis.xrange(rk.history, max="3-0")
+    await hub.redis.delete(rk.history)
+    for entry_id, fields in kept:
+        await hub.redis.xadd(rk.history, fields, id=entry_id)
+    assert hub._pubsub is not None
+    await hub._pubsub.aclose()  # the restart drops the connection
+    await asyncio.sleep(0.01)
+    for i in range(3):  # seqs 4, 5, 6 again, with other events
+        await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": f"n{i}"})
+    await until(lambda: bool(sub.resets))
+    new_epoch = (await hub.redis.get(rk.epoch)).decode()
+    assert new_epoch != old_epoch
+    assert sub.resets[0] == (rid, new_epoch, "epoch_changed")
+    await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "after"})
+    await until(lambda: sub.got[-1].seq == 7 and sub.got[-1].epoch == new_epoch)
+    texts = [e.frame for e in sub.got if e.epoch == new_epoch]
+    assert any('"text":"n2"' in f for f in texts)  # the reused seqs were delivered

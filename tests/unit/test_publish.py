@@ -159,3 +159,23 @@ async def test_an_event_with_its_own_request_id_has_it_once(
     assert frame.count('"request_id"') == 1
     assert json.loads(frame) == {"type": "synthesis_started", "request_id": RID, "seq": 1,
                                  "ts": json.loads(frame)["ts"]}  # fmt: skip
+
+
+async def test_a_lost_seq_starts_a_new_incarnation(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    """Evicted or lost seq with history kept: a new epoch at seq 1, never a stuck request."""
+    client = RelayClient(fake_redis, owns_connection=False)
+    first = await client.publish_many(RID, [{"type": "synthesis_started", "request_id": RID}] * 3)
+    rk = client.keys.request(RID)
+    await fake_redis.delete(rk.seq)
+    again = await client.publish_many(RID, [{"type": "synthesis_started", "request_id": RID}])
+    assert again.last_seq == 1 and again.epoch != first.epoch
+    assert await fake_redis.xlen(rk.history) == 1
+
+
+async def test_script_refusals_are_publish_errors(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    client = RelayClient(fake_redis, owns_connection=False)
+    await fake_redis.set(client.keys.request(RID).history, "not a stream")
+    await fake_redis.set(client.keys.request(RID).seq, 1)
+    await fake_redis.set(client.keys.request(RID).epoch, "e")
+    with pytest.raises(PublishError, match="refused by Redis"):
+        await client.publish(RID, {"type": "synthesis_started", "request_id": RID})
