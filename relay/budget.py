@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from .config import MIN_REQUEST_BUDGET, BudgetConfig
 from .events import BudgetDecision, BudgetWarning
 from .keys import Keys
-from .scripts import script
+from .scripts import as_text, script
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class RequestBudget:
             [self._rk.budget, self._rk.pending],
             [tokens, self.total, self.config.warning_threshold, self.ttl_seconds],
         )
-        kind = status.decode() if isinstance(status, bytes) else str(status)
+        kind = as_text(status)
         return BudgetState(BudgetStatus(kind), int(used), int(total), bool(int(paused)))
 
     async def used(self) -> int:
@@ -244,7 +244,7 @@ class RequestBudget:
             [self._rk.pending, self._rk.decision, self._rk.decided],
             [pause_id, default, DECISION_LIST_TTL],
         )
-        by, decision = (v.decode() if isinstance(v, bytes) else str(v) for v in result)
+        by, decision = (as_text(v) for v in result)
         return PauseOutcome(_decision(decision), "client" if by == "client" else "timeout")
 
 
@@ -253,7 +253,7 @@ def _decision(value: str) -> Decision:
 
 
 def _outcome(raw: bytes | str) -> PauseOutcome:
-    text = raw.decode() if isinstance(raw, bytes) else raw
+    text = as_text(raw)
     by, _, decision = text.partition(":")
     return PauseOutcome(_decision(decision), "client" if by == "client" else "timeout")
 

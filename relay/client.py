@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .config import HistoryConfig
 from .events import AgentEvent, AgentTextDelta, event_request_id, parse_event
 from .keys import Keys
-from .scripts import is_noscript, script
+from .scripts import as_text, is_noscript, script
 
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 RETRY_MARGIN_SECONDS = 60
@@ -226,7 +226,7 @@ class RelayClient:
             return Published(
                 first_seq=int(first),
                 last_seq=int(last),
-                epoch=epoch.decode() if isinstance(epoch, bytes) else str(epoch),
+                epoch=as_text(epoch),
                 ts=int(ts),
             )
         raise PublishError("publish script could not be loaded")  # pragma: no cover

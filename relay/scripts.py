@@ -52,6 +52,11 @@ def is_noscript(result: object) -> bool:
     )
 
 
+def as_text(value: object) -> str:
+    """A Redis reply as text (clients here do not decode replies themselves)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @cache
 def script(name: str) -> LuaScript:
     """The process-wide instance of script ``name`` (read from disk on first use)."""

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..events import WORKFLOW_TYPES
+from ..scripts import as_text
 
 
 class EnvelopeError(ValueError):
@@ -35,7 +36,7 @@ class Envelope:
     @classmethod
     def parse(cls, payload: bytes | str) -> Envelope:
         """Parse a channel message; raises :class:`EnvelopeError` on a foreign one."""
-        text = payload.decode() if isinstance(payload, bytes) else payload
+        text = as_text(payload)
         head, sep, frame = text.partition("\n")
         parts = head.split(" ")
         if not sep or len(parts) != 5 or not parts[1].isdigit() or not parts[4].isdigit():
@@ -53,7 +54,7 @@ class Envelope:
     @classmethod
     def from_history(cls, request_id: str, epoch: str, seq: int, frame: bytes | str) -> Envelope:
         """An envelope for a frame read back from the history stream."""
-        text = frame.decode() if isinstance(frame, bytes) else frame
+        text = as_text(frame)
         kind = ""
         run_id = None
         # The frame starts with {"type":"..." because the SDK serialises the
@@ -78,5 +79,5 @@ def frame_ts(frame: str) -> int:
 
 def history_seq(entry_id: bytes | str) -> int:
     """The seq of a history stream entry id (``"<seq>-0"``)."""
-    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    raw = as_text(entry_id)
     return int(raw.partition("-")[0])

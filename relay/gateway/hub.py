@@ -38,7 +38,7 @@ from redis.asyncio.client import PubSub
 from ..aio import stop_task
 from ..config import GlobalConfig
 from ..keys import Keys, probe_channel
-from ..scripts import script
+from ..scripts import as_text, script
 from .envelope import Envelope, EnvelopeError
 from .metrics import Metrics
 from .store import HistoryGap, RequestStore
@@ -405,7 +405,7 @@ class Hub:
             active = await self.redis.zrangebyscore(self.keys.active, floor, "+inf")
             seen = set(requests)
             for raw in active:
-                rid = raw.decode() if isinstance(raw, bytes) else str(raw)
+                rid = as_text(raw)
                 if rid not in seen:
                     requests.append(rid)
                     seen.add(rid)
@@ -458,4 +458,4 @@ class Hub:
         result = await script("epoch_bump")(
             self.redis, [self.keys.request(rid).epoch], [seen, uuid.uuid4().hex[:12]]
         )
-        return result.decode() if isinstance(result, bytes) else str(result or seen)
+        return as_text(result) if result is not None else seen

@@ -28,6 +28,7 @@ from starlette.staticfiles import PathLike, StaticFiles
 from starlette.types import Scope
 
 from ..keys import Keys
+from ..scripts import as_text
 
 CONSOLE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -96,7 +97,7 @@ async def recent_requests(request: Request) -> Response:
             keys.active, "+inf", floor, start=0, num=limit, withscores=True
         )
         pipe = redis.pipeline(transaction=False)
-        ids = [r.decode() if isinstance(r, bytes) else str(r) for r, _ in rows]
+        ids = [as_text(r) for r, _ in rows]
         for rid in ids:
             rk = keys.request(rid)
             pipe.exists(rk.pending)

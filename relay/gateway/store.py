@@ -15,6 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from ..keys import Keys
+from ..scripts import as_text
 from .envelope import Envelope, frame_ts, history_seq
 
 
@@ -37,7 +38,7 @@ class HistoryGap(Exception):
 
 
 def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
+    return None if value is None else as_text(value)
 
 
 class RequestStore:
@@ -74,7 +75,7 @@ class RequestStore:
         if not entries or entries[0][1] is None:
             return None
         raw = entries[0][1][b"f"]
-        return frame_ts(raw.decode() if isinstance(raw, bytes) else raw)
+        return frame_ts(as_text(raw))
 
     async def replay(
         self, request_id: str, epoch: str, after: int, until: int | None = None
