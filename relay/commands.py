@@ -13,6 +13,7 @@ answer with an error frame and carry on.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal, TypeAlias
 from uuid import UUID
 
@@ -141,14 +142,64 @@ def _describe(error: ValidationError) -> tuple[str, str]:
     return "invalid_field", f"field '{loc}': {first['msg']}"
 
 
-def parse_command(text: str | bytes) -> Command:
-    """Parse one client frame into a command or raise :class:`CommandError`."""
+MAX_JSON_DEPTH = 32
+"""Deepest nesting accepted in a client frame (commands need 2)."""
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _nesting(text: str) -> int:
+    """How deep ``text`` nests arrays and objects (strings ignored); stops past the limit."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub('""', text)):
+        if bracket in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_JSON_DEPTH:
+                    break
+        else:
+            depth -= 1
+    return deepest
+
+
+def _encodable(value: object) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def load_object(text: str | bytes) -> dict[str, Any]:
+    """Decode one client frame or REST body into a JSON object, or raise ``invalid_json``.
+
+    Refused before anything acts on it: invalid UTF-8 or JSON, nesting deeper
+    than :data:`MAX_JSON_DEPTH` (Python's parser would hit its recursion
+    limit), and unpaired surrogate escapes such as ``"\\ud800"`` (they decode
+    to a string that cannot be encoded again, so echoing one would fail).
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CommandError("invalid_json", "frame is not valid UTF-8") from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _nesting(text) > MAX_JSON_DEPTH:
+        raise CommandError("invalid_json", f"frame nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         raw = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise CommandError("invalid_json", f"frame is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise CommandError("invalid_json", "frame must be a JSON object")
+    if "\\u" in text and not _encodable(raw):
+        raise CommandError("invalid_json", "frame contains an unpaired surrogate escape")
+    return raw
+
+
+def parse_command(text: str | bytes) -> Command:
+    """Parse one client frame into a command or raise :class:`CommandError`."""
+    raw = load_object(text)
     command_id = raw.get("command_id")
     if not isinstance(command_id, str | int) or isinstance(command_id, bool):
         command_id = None

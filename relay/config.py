@@ -42,6 +42,8 @@ class RedisConfig(_Section):
     tenant: str = "default"
     socket_timeout: PositiveFloat = 5.0
     publish_retry_seconds: Annotated[float, Field(ge=0)] = 10.0
+    max_connections: PositiveInt = 64
+    pool_timeout: PositiveFloat = 5.0
 
     @field_validator("url")
     @classmethod
@@ -75,6 +77,7 @@ class GatewayConfig(_Section):
     drain_timeout: PositiveFloat = 8.0
     firehose_track_requests: PositiveInt = 4096
     max_subscriptions: PositiveInt = 256
+    connect_subscribe_timeout: PositiveFloat = 10.0
 
 
 class HistoryConfig(_Section):

@@ -44,3 +44,34 @@ def configure_logging(config: LogConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
+
+
+class LogOnce:
+    """Log each distinct cause once (up to ``limit`` causes), then count it silently.
+
+    A client that sends the same bad frame in a loop, or a history entry that
+    every resume trips over, must not write a line per occurrence: the log
+    would grow with the attacker's effort. The count says how often it recurred.
+    """
+
+    def __init__(
+        self, logger: logging.Logger | logging.LoggerAdapter[logging.Logger], limit: int = 256
+    ) -> None:
+        self.logger = logger
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+
+    def __call__(
+        self, cause: str, message: str, *args: object, exc: BaseException | None = None
+    ) -> bool:
+        """Log ``message`` at warning level the first time ``cause`` is seen; True if it was."""
+        seen = self.counts.get(cause)
+        if seen is not None:
+            self.counts[cause] = seen + 1
+            return False
+        if len(self.counts) >= self.limit:
+            return False  # bounded: a flood of distinct causes is not logged either
+        self.counts[cause] = 1
+        exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+        self.logger.warning(message, *args, exc_info=exc_info)
+        return True

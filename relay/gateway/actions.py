@@ -70,7 +70,7 @@ class Actions:
                 return await self._answer(command)
         except RedisError as exc:
             log.warning("%s failed: %s", command.type, exc, extra={"command": command.type})
-            raise CommandError("unavailable", f"Redis is unavailable: {exc}") from None
+            raise CommandError("unavailable", "Redis is unavailable; try again shortly") from None
         raise CommandError("unknown_type", f"command {command.type!r} is not handled here")
 
     async def _cancel(self, command: CancelAgent) -> dict[str, Any]:

@@ -9,27 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from ..commands import CommandError
+from ..commands import CommandError, load_object
 from ..config import GlobalConfig, load_config
 from .actions import Actions
 from .connection import Connection
 from .hub import Hub
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .static import console_routes
+from .writer import SendTurns
 
 
 @dataclass(slots=True)
@@ -41,12 +43,29 @@ class Services:
     hub: Hub
     metrics: Metrics
     actions: Actions
+    turns: SendTurns
 
 
 def _redis_clients(config: GlobalConfig) -> tuple[Redis, Redis]:
-    url = config.redis.effective_url
-    timeout = config.redis.socket_timeout
-    commands = Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    rc = config.redis
+    url = rc.effective_url
+    timeout = rc.socket_timeout
+    # Commands wait for a free pooled connection (up to pool_timeout) instead
+    # of failing with "Too many connections" under a burst; a command that
+    # meets a connection Redis closed (a restart) is retried on a fresh one
+    # with backoff, for about as long as a restart takes. Every command the
+    # gateway sends is a read or safe to repeat (cancel tombstones, pause-scoped
+    # answers), so a retry after an ambiguous failure does no harm.
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=rc.max_connections,
+        timeout=rc.pool_timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), 8),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    commands = Redis(connection_pool=pool)
     # The pub/sub client must surface every connection error instead of
     # quietly reconnecting and resubscribing: the hub recovers itself and
     # backfills what was published meanwhile.
@@ -67,7 +86,9 @@ def services(scope_holder: Request | WebSocket) -> Services:
 
 async def events_ws(websocket: WebSocket) -> None:
     svc = services(websocket)
-    conn = Connection(websocket, svc.hub, svc.config, svc.metrics, svc.actions.execute)
+    conn = Connection(
+        websocket, svc.hub, svc.config, svc.metrics, svc.actions.execute, turns=svc.turns
+    )
     await conn.run()
 
 
@@ -97,13 +118,9 @@ async def _json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if not raw:
         return {}
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise CommandError("invalid_json", "body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise CommandError("invalid_json", "body must be a JSON object")
-    return body
+    # The same checks as a WebSocket frame (nesting depth, unpaired
+    # surrogates), so a body that could not be answered is refused up front.
+    return load_object(raw)
 
 
 def _error(exc: CommandError) -> JSONResponse:
@@ -150,7 +167,7 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         registry = Metrics()
         hub = Hub(cfg, commands, pubsub, registry)
         actions = Actions(cfg, commands, registry)
-        app.state.services = Services(cfg, commands, hub, registry, actions)
+        app.state.services = Services(cfg, commands, hub, registry, actions, SendTurns())
         await hub.start()
         try:
             yield

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
@@ -35,14 +36,21 @@ from ..commands import (
     parse_command,
 )
 from ..config import GlobalConfig
+from ..logs import LogOnce
 from .envelope import Envelope
 from .hub import Hub, HubUnavailable
 from .metrics import Metrics
-from .sendqueue import Begin, Reset, SendQueue
+from .sendqueue import CLOSE_TRY_AGAIN_LATER, Begin, Reset, SendQueue
 from .store import RequestStore
-from .writer import OrderedWriter, dumps
+from .writer import OrderedWriter, SendTurns, dumps
 
 log = logging.getLogger(__name__)
+log_once = LogOnce(log)
+"""Unexpected failures are logged once per cause: a client looping on one must not flood."""
+
+CLOSE_INTERNAL_ERROR = 1011
+UNAVAILABLE = "Redis is unavailable; try again shortly"
+"""What clients are told; the cause (with addresses) goes to the gateway's log only."""
 
 
 class CommandHandler(Protocol):
@@ -53,9 +61,10 @@ class CommandHandler(Protocol):
 
 @dataclass(slots=True)
 class _Sub:
+    pending: deque[Envelope]
+    """Events arriving while the subscription starts; bounded, oldest dropped
+    (the writer sees the hole before the first kept one and refills it)."""
     hold: bool = True
-    """Events arriving while the subscription starts wait in ``pending``."""
-    pending: deque[Envelope] = field(default_factory=deque)
 
 
 class Connection:
@@ -68,6 +77,7 @@ class Connection:
         config: GlobalConfig,
         metrics: Metrics,
         handler: CommandHandler,
+        turns: SendTurns | None = None,
     ) -> None:
         self.ws = websocket
         self.hub = hub
@@ -77,10 +87,16 @@ class Connection:
         self.handler = handler
         gw = config.gateway
         self._queue = SendQueue(
-            gw.send_queue_max, gw.send_queue_max_bytes, gw.overflow_policy, metrics
+            gw.send_queue_max,
+            gw.send_queue_max_bytes,
+            gw.overflow_policy,
+            metrics,
+            max_lagged=gw.firehose_track_requests,
         )
         self._subs: dict[str, _Sub] = {}
         self._firehose = False
+        self._fixed = False
+        """Subscribed at connect (query parameters): never falls back to every event."""
         self._runs: set[str] = set()
         self._writer = OrderedWriter(
             websocket,
@@ -91,6 +107,7 @@ class Connection:
             wants=self._wants,
             subscribed=self._subs.__contains__,
             runs=self._runs,
+            turns=turns,
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -102,18 +119,21 @@ class Connection:
         self.metrics.connections_total.inc()
         writer = asyncio.create_task(self._writer.run(), name="relay-conn-writer")
         overflow = asyncio.create_task(self._queue.overflow.wait(), name="relay-conn-overflow")
-        tasks = [writer, overflow]
+        starter = asyncio.create_task(self._serve(), name="relay-conn-reader")
+        tasks = [writer, overflow, starter]
+        failure: BaseException | None = None
         try:
-            await self._start_from_query()
-            reader = asyncio.create_task(self._read_loop(), name="relay-conn-reader")
-            tasks.append(reader)
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = None if task.cancelled() else task.exception()
+                if exc is not None and not isinstance(exc, WebSocketDisconnect):
+                    failure = exc
         finally:
             try:
                 for task in tasks:
                     task.cancel()
                 for task in tasks:
-                    await _stop(task)
+                    await stop_task(task)
             finally:
                 # Release even when we are cancelled ourselves while stopping;
                 # the hub's interest goes first: an overflowed connection may
@@ -121,7 +141,29 @@ class Connection:
                 await self._release()
                 if self._queue.close_code is not None:
                     await self._close_overflowed(self._queue.close_code)
+                elif failure is not None:
+                    self._internal_error("connection", failure)
+                    # Never a silent TCP drop: the client learns why, and reconnects.
+                    await self._close(CLOSE_INTERNAL_ERROR, "internal error")
                 self.metrics.connections.dec()
+
+    async def _serve(self) -> None:
+        if await self._start_from_query():
+            await self._read_loop()
+
+    def _internal_error(self, where: str, exc: BaseException) -> None:
+        self.metrics.internal_errors.labels(where=where).inc()
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        place = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+        log_once(
+            f"{where}:{type(exc).__name__}:{place}",
+            "unexpected %s in %s (logged once per cause)",
+            type(exc).__name__,
+            where,
+            exc=exc,
+        )
 
     async def _close_overflowed(self, code: int) -> None:
         # A client that reads nothing keeps the transport paused and every
@@ -140,13 +182,28 @@ class Connection:
         self._subs.clear()
         await self.hub.unwatch_all(self)
 
-    async def _start_from_query(self) -> None:
-        """``?request_id=R&after_seq=N`` subscribes at connect (no first frame needed)."""
+    async def _start_from_query(self) -> bool:
+        """``?request_id=R&after_seq=N`` subscribes at connect (no first frame needed).
+
+        A subscription asked for at connect that cannot start (Redis away) is
+        retried for ``gateway.connect_subscribe_timeout``; then the socket is
+        closed with 1013 so the client reconnects and resumes. It never falls
+        back to another stream: a client that asked for R and got the
+        tenant-wide stream instead lost R's events after its ``after_seq``
+        without being told. Returns False when the connection was closed.
+        """
         params = self.ws.query_params
         rids = params.getlist("request_id")
+        stream = params.get("stream")
+        if stream == "none" or rids:
+            # Nothing until subscribed, and nothing after the last unsubscribe.
+            self._fixed = True
+        elif stream not in (None, "all"):
+            self._reply(error_frame("invalid_field", "query parameter 'stream': 'all' or 'none'"))
         if not rids:
-            await self._go_firehose()
-            return
+            if not self._fixed:
+                await self._go_firehose()
+            return True
         for rid in rids:
             raw: dict[str, Any] = {"type": "subscribe", "request_id": rid}
             if (after := params.get("after_seq")) is not None:
@@ -155,7 +212,33 @@ class Connection:
                 raw["epoch"] = epoch
             if params.get("snapshot") in ("1", "true"):
                 raw["snapshot"] = True
-            await self._handle_text(dumps(raw))
+            try:
+                command = parse_command(dumps(raw))
+            except CommandError as exc:
+                self._reply(exc.frame())
+                continue
+            assert isinstance(command, Subscribe)
+            if not await self._subscribe_with_retry(command):
+                await self._close(CLOSE_TRY_AGAIN_LATER, "subscription unavailable; reconnect")
+                return False
+        return True
+
+    async def _subscribe_with_retry(self, command: Subscribe) -> bool:
+        deadline = time.monotonic() + self.config.gateway.connect_subscribe_timeout
+        delay = 0.05
+        while True:
+            try:
+                await self._subscribe(command)
+                return True
+            except (CommandError, RedisError) as exc:
+                if isinstance(exc, CommandError) and exc.code != "unavailable":
+                    self._reply(exc.frame())
+                    return True  # the client's mistake: answered, connection kept
+                log.info("subscription at connect failed, retrying: %s", exc)
+            if time.monotonic() + delay > deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def _go_firehose(self) -> None:
         # The hub keeps this interest even when it cannot make it live now
@@ -191,7 +274,16 @@ class Connection:
             if len(text) > limit:
                 self._reply(error_frame("frame_too_large", f"frame exceeds {limit} bytes"))
                 continue
-            await self._handle_text(text)
+            try:
+                await self._handle_text(text)
+            except (RedisError, CommandError, WebSocketDisconnect):
+                raise
+            except Exception as exc:
+                # A defect must cost the client one answer, not its connection.
+                self._internal_error("command", exc)
+                self._reply(
+                    error_frame("internal_error", "the gateway could not process this frame")
+                )
 
     async def _handle_text(self, text: str) -> None:
         try:
@@ -206,7 +298,8 @@ class Connection:
             except RedisError as exc:
                 # Redis trouble is the gateway's problem, not the client's:
                 # answer it and keep the connection.
-                raise CommandError("unavailable", f"Redis is unavailable: {exc}") from None
+                log.warning("%s failed: %s", command.type, exc)
+                raise CommandError("unavailable", UNAVAILABLE) from None
         except CommandError as exc:
             exc.command_id = command.command_id
             self.metrics.commands.labels(type=command.type, outcome=exc.code).inc()
@@ -248,12 +341,13 @@ class Connection:
                 "too_many_subscriptions", f"a connection may subscribe to {limit} requests"
             )
         if rid not in self._subs:
-            self._subs[rid] = sub = _Sub(pending=deque(maxlen=self.config.gateway.send_queue_max))
+            self._subs[rid] = sub = _Sub(self._hold_buffer())
             try:
                 await self.hub.watch(rid, self)
             except (HubUnavailable, RedisError) as exc:
+                log.info("subscribe %s failed: %s", rid, exc)
                 await self._drop_subscription(rid)
-                raise CommandError("unavailable", str(exc)) from None
+                raise CommandError("unavailable", UNAVAILABLE) from None
         else:
             sub = self._subs[rid]
             sub.hold = True
@@ -268,15 +362,19 @@ class Connection:
         finally:
             # Held events that overflowed the buffer were the oldest; the
             # writer sees the gap before the first kept one and refills it.
-            pending, sub.pending, sub.hold = list(sub.pending), deque(), False
+            pending, sub.pending, sub.hold = list(sub.pending), self._hold_buffer(), False
             if rid in self._subs:
                 for env in pending:
                     self._queue.push_event(env)
 
+    def _hold_buffer(self) -> deque[Envelope]:
+        return deque(maxlen=self.config.gateway.send_queue_max)
+
     async def _drop_subscription(self, rid: str) -> None:
         self._subs.pop(rid, None)
         await self.hub.unwatch(rid, self)
-        if not self._subs and not self._firehose:
+        if not self._subs and not self._firehose and not self._fixed:
+            # Back to where the client was before it asked (every event).
             await self._go_firehose()
 
     async def _start_subscription(self, rid: str, cmd: Subscribe) -> None:
@@ -316,9 +414,8 @@ class Connection:
     async def _unsubscribe(self, rid: str) -> dict[str, Any]:
         if self._subs.pop(rid, None) is not None:
             await self.hub.unwatch(rid, self)
-            self._writer.tracks.pop(rid, None)
-            self._queue.lags.pop(rid, None)
-        if not self._subs and not self._firehose:
+            self._writer.forget(rid)
+        if not self._subs and not self._firehose and not self._fixed:
             # No subscription left: back to every event, like the original.
             await self._go_firehose()
         return {"type": "unsubscribed", "request_id": rid}
@@ -335,6 +432,8 @@ class Connection:
             if sub is None:
                 return
             if sub.hold:
+                if len(sub.pending) == sub.pending.maxlen:
+                    self.metrics.queue_drops.inc()
                 sub.pending.append(envelope)
                 return
         elif not self._firehose:
@@ -353,10 +452,3 @@ class Connection:
         if self.ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
                 await self.ws.close(code, reason)
-
-
-async def _stop(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait for it (see :func:`stop_task`); log what it raised."""
-    exc = await stop_task(task)
-    if exc is not None and not isinstance(exc, WebSocketDisconnect):
-        log.error("%s failed", task.get_name(), exc_info=exc)

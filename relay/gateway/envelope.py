@@ -49,7 +49,10 @@ class Envelope:
             except ValueError:
                 raise EnvelopeError("workflow frame is not valid JSON") from None
             run_id = value if isinstance(value, str) else None
-        return cls(rid, int(seq), epoch, kind, frame, run_id, len(frame), int(ts))
+        # Bytes on the wire, not characters: queue bounds and relay_bytes_sent
+        # must hold for non-ASCII text too. The header is ASCII.
+        nbytes = len(payload) - len(head) - 1 if isinstance(payload, bytes) else _nbytes(frame)
+        return cls(rid, int(seq), epoch, kind, frame, run_id, nbytes, int(ts))
 
     @classmethod
     def from_history(cls, request_id: str, epoch: str, seq: int, frame: bytes | str) -> Envelope:
@@ -62,12 +65,18 @@ class Envelope:
         if text.startswith('{"type":"'):
             end = text.find('"', 9)
             kind = text[9:end]
-        if not kind or kind in WORKFLOW_TYPES:
+        if not kind or kind in WORKFLOW_TYPES or not text.endswith("}"):
             obj = json.loads(text)
+            if not isinstance(obj, dict):
+                raise ValueError("history frame is not a JSON object")
             kind = str(obj.get("type", ""))
             rid = obj.get("run_id")
             run_id = rid if isinstance(rid, str) else None
-        return cls(request_id, seq, epoch, kind, text, run_id, len(text), frame_ts(text))
+        return cls(request_id, seq, epoch, kind, text, run_id, _nbytes(text), frame_ts(text))
+
+
+def _nbytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def frame_ts(frame: str) -> int:

@@ -30,6 +30,22 @@ class Metrics:
         self.replayed = Counter(
             "relay_events_replayed", "Event frames sent from history (resume, lag)", registry=r
         )
+        self.backfilled = Counter(
+            "relay_events_backfilled",
+            "Events routed from history by the hub (holes, reconnects), once per process",
+            registry=r,
+        )
+        self.history_skipped = Counter(
+            "relay_history_entries_skipped",
+            "History entries that could not be parsed and were skipped on replay",
+            registry=r,
+        )
+        self.internal_errors = Counter(
+            "relay_internal_errors",
+            "Unexpected exceptions while serving a connection, by where they happened",
+            ["where"],
+            registry=r,
+        )
         self.queue_drops = Counter(
             "relay_queue_drops", "Events dropped from full client queues", registry=r
         )

@@ -12,6 +12,10 @@ Two kinds of items, kept in arrival order by a shared counter:
 * control items (reply frames, subscription starts, stream resets): never
   dropped; a client that floods commands without reading is closed with 1008.
 
+Lag records are bounded too (``max_lagged`` requests): a tenant-wide client
+so far behind that events of more requests than that were dropped cannot be
+caught up request by request any more, and is closed with 1013 to reconnect.
+
 Nothing here awaits: the hub offers events from its reader task and must
 never block on one slow client.
 """
@@ -82,8 +86,10 @@ class SendQueue:
         max_bytes: int,
         policy: Literal["drop_oldest", "close"],
         metrics: Metrics,
+        max_lagged: int = 4096,
     ) -> None:
         self.max_events = max_events
+        self.max_lagged = max_lagged
         self.max_bytes = max_bytes
         self.drop_oldest = policy == "drop_oldest"
         self.metrics = metrics
@@ -114,7 +120,7 @@ class SendQueue:
         self._events.append((self._counter, env))
         self.nbytes += env.nbytes
         while len(self._events) > self.max_events or self.nbytes > self.max_bytes:
-            if not self.drop_oldest:
+            if not self.drop_oldest or self.close_code is not None:
                 self.fail(CLOSE_TRY_AGAIN_LATER)
                 break
             _, old = self._events.popleft()
@@ -131,11 +137,22 @@ class SendQueue:
         # request's very first event was dropped (no position to see a gap from).
         lag = self.lags.get(old.request_id)
         if lag is None or lag.epoch != old.epoch:
+            if lag is None and len(self.lags) >= self.max_lagged:
+                self.fail(CLOSE_TRY_AGAIN_LATER)
+                return
             self.lags[old.request_id] = Lag(1, old.seq, old.seq, old.epoch)
             return
         lag.count += 1
         lag.first = min(lag.first, old.seq)
         lag.last = max(lag.last, old.seq)
+
+    def take_lag(self, request_id: str) -> Lag | None:
+        """The dropped range of ``request_id``, handed over to the writer (and forgotten)."""
+        return self.lags.pop(request_id, None)
+
+    def lagged_requests(self) -> list[str]:
+        """Requests with dropped events not yet settled."""
+        return list(self.lags)
 
     def push_control(self, item: Control) -> None:
         """Queue a control item; never dropped, but bounded against command floods."""

@@ -9,12 +9,15 @@ the gateway itself.
 ``GET /api/v1/requests`` lists the requests that published recently (newest
 first, with their outcome and whether a budget decision is pending), so a
 console opened in the middle of a run also shows requests that are quiet right
-now, such as one paused for a budget decision.
+now, such as one paused for a budget decision. With ``?agents=1`` each entry
+also counts the agents of the request and those still running (the console
+polls it instead of watching every event of the tenant).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from importlib import resources
@@ -29,6 +32,8 @@ from starlette.types import Scope
 
 from ..keys import Keys
 from ..scripts import as_text
+
+log = logging.getLogger(__name__)
 
 CONSOLE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -96,6 +101,7 @@ async def recent_requests(request: Request) -> Response:
         rows = await redis.zrevrangebyscore(
             keys.active, "+inf", floor, start=0, num=limit, withscores=True
         )
+        details = request.query_params.get("agents") in ("1", "true")
         pipe = redis.pipeline(transaction=False)
         ids = [as_text(r) for r, _ in rows]
         for rid in ids:
@@ -103,23 +109,44 @@ async def recent_requests(request: Request) -> Response:
             pipe.exists(rk.pending)
             pipe.hget(rk.state, "outcome")
             pipe.hget(rk.state, "budget")
+            if details:
+                pipe.hvals(rk.state)
         replies = await pipe.execute()
     except RedisError as exc:
-        frame = {"type": "error", "code": "unavailable", "message": f"Redis is unavailable: {exc}"}
+        log.warning("listing recent requests failed: %s", exc)
+        frame = {"type": "error", "code": "unavailable", "message": "Redis is unavailable"}
         return JSONResponse(frame, status_code=503)
     items: list[dict[str, Any]] = []
+    width = 4 if details else 3
     for i, (rid, (_, score)) in enumerate(zip(ids, rows, strict=True)):
-        pending, outcome, budget = replies[3 * i : 3 * i + 3]
-        items.append(
-            {
-                "request_id": rid,
-                "last_ts": int(score),
-                "budget_pending": bool(pending),
-                "outcome": json.loads(outcome) if outcome else None,
-                "budget": json.loads(budget) if budget else None,
-            }
-        )
+        pending, outcome, budget = replies[width * i : width * i + 3]
+        item: dict[str, Any] = {
+            "request_id": rid,
+            "last_ts": int(score),
+            "budget_pending": bool(pending),
+            "outcome": json.loads(outcome) if outcome else None,
+            "budget": json.loads(budget) if budget else None,
+        }
+        if details:
+            item["agents"], item["running"] = _agent_counts(replies[width * i + 3])
+        items.append(item)
     return JSONResponse({"requests": items}, headers={"Cache-Control": "no-store"})
+
+
+def _agent_counts(values: list[bytes]) -> tuple[int, int]:
+    """How many agents a request's state holds, and how many are not finished."""
+    agents = running = 0
+    for raw in values:
+        if not raw.startswith(b'{"'):
+            continue  # scalar fields (last_seq, epoch, ...)
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and "spawned_seq" in entry:  # agents, not the outcome
+            agents += 1
+            running += entry["status"] in ("running", "retrying")
+    return agents, running
 
 
 def console_routes() -> list[BaseRoute]:

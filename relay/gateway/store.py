@@ -8,7 +8,7 @@ request never holds more than one batch in memory.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +44,18 @@ def _text(value: bytes | str | None) -> str | None:
 class RequestStore:
     """Read access to the Redis state of one tenant's requests."""
 
-    def __init__(self, redis: Redis, keys: Keys, batch: int = 500) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        batch: int = 500,
+        on_skip: Callable[[str, int, str], None] | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.batch = batch
+        self.on_skip = on_skip
+        """Called with (request_id, seq, why) for a history entry that cannot be parsed."""
 
     async def position(self, request_id: str) -> Position:
         """The request's last seq and epoch."""
@@ -100,15 +108,29 @@ class RequestStore:
                     raise HistoryGap(request_id, start, head)
             if not entries:
                 return
-            batch = [
-                Envelope.from_history(request_id, epoch, history_seq(eid), fields[b"f"])
-                for eid, fields in entries
-                if eid is not None and fields is not None
-            ]
-            yield batch
-            start = batch[-1].seq + 1
-            if len(entries) < self.batch:
+            batch = self._parse(request_id, epoch, entries)
+            if batch:
+                yield batch
+            last_id = entries[-1][0]
+            if len(entries) < self.batch or last_id is None:
                 return
+            start = history_seq(last_id) + 1
+
+    def _parse(self, request_id: str, epoch: str, entries: list[Any]) -> list[Envelope]:
+        # One entry that is not a relay frame (written by a publisher that
+        # bypassed the script's checks) is skipped and reported, rather than
+        # failing every replay that crosses it.
+        batch = []
+        for eid, fields in entries:
+            if eid is None or fields is None:
+                continue
+            seq = history_seq(eid)
+            try:
+                batch.append(Envelope.from_history(request_id, epoch, seq, fields[b"f"]))
+            except (ValueError, KeyError, UnicodeDecodeError) as exc:
+                if self.on_skip is not None:
+                    self.on_skip(request_id, seq, f"{type(exc).__name__}: {exc}")
+        return batch
 
     async def pending_decision(self, request_id: str) -> dict[str, Any] | None:
         """The pending budget pause of the request, if one is open."""

@@ -1,21 +1,26 @@
 """The writer of one connection: drains its send queue in per-request seq order.
 
-Each request's events go out strictly in ``seq`` order: a seq at or below
-the last one sent is a duplicate and skipped; a seq beyond the next one is a
-gap, filled from the history stream first (a resume, a lag or a hub reconnect
-all end up here). History that no longer covers the gap yields
+Each request's events go out strictly in ``seq`` order (a
+:class:`~relay.gateway.seqtrack.SeqTrack` per request): a seq at or below the
+last one sent is a duplicate and skipped; a seq beyond the next one is a gap,
+filled from the history stream first (a resume, a lag or a hub reconnect all
+end up here). History that no longer covers the gap yields
 ``resync_required`` instead of a silent hole. Dropped ranges recorded by the
 queue are announced (``lagged``) and refilled the same way.
+
+Writers take turns (:class:`SendTurns`): a send to a socket whose buffer has
+room does not suspend, so a writer with a full queue would otherwise hold the
+event loop for its whole queue, and with thousands of them pings, new
+connections and the delivery probe starve until the gateway looks dead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -25,9 +30,13 @@ from ..config import GlobalConfig
 from .envelope import Envelope
 from .metrics import Metrics
 from .sendqueue import Begin, SendQueue
+from .seqtrack import SeqTable, SeqTrack, Step
 from .store import HistoryGap, RequestStore
 
 log = logging.getLogger(__name__)
+
+TURN_BUDGET_S = 0.01
+"""About how long one round of every busy writer may take: what a ping waits at most."""
 
 
 def dumps(obj: dict[str, Any]) -> str:
@@ -35,12 +44,22 @@ def dumps(obj: dict[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-@dataclass(slots=True)
-class Track:
-    """What was sent of one request: the last seq (None: nothing yet) and its epoch."""
+class SendTurns:
+    """Shares the event loop fairly between the writers of one process.
 
-    last: int | None
-    epoch: str | None
+    Each writer sends for at most ``TURN_BUDGET_S / busy writers`` before it
+    yields, so one round of all of them stays near the budget however many
+    there are (one frame each at worst), while a lone busy writer still sends
+    long runs without paying for a yield per frame.
+    """
+
+    def __init__(self, budget: float = TURN_BUDGET_S) -> None:
+        self.budget = budget
+        self.busy = 0
+
+    def slice(self) -> float:
+        """How long the current writer may send before yielding."""
+        return self.budget / max(1, self.busy)
 
 
 class OrderedWriter:
@@ -57,19 +76,26 @@ class OrderedWriter:
         wants: Callable[[str], bool],
         subscribed: Callable[[str], bool],
         runs: set[str],
+        turns: SendTurns | None = None,
     ) -> None:
         self.ws = ws
         self.queue = queue
         self.store = store
-        self.config = config
         self.metrics = metrics
         self.wants = wants
         """Whether the connection still wants events of a request."""
-        self.subscribed = subscribed
-        """Whether a request is explicitly subscribed (its track is never evicted)."""
         self.runs = runs
         """Workflow runs the client chose (empty: all)."""
-        self.tracks: OrderedDict[str, Track] = OrderedDict()
+        self.turns = turns or SendTurns()
+        # Unsubscribed (tenant-wide) tracks are evicted LRU-first; explicitly
+        # subscribed ones never are.
+        self.tracks = SeqTable(config.gateway.firehose_track_requests, subscribed)
+        self._turn_ends = 0.0
+
+    def forget(self, request_id: str) -> None:
+        """The client unsubscribed: drop what was sent and dropped of ``request_id``."""
+        self.tracks.pop(request_id)
+        self.queue.take_lag(request_id)
 
     def resync(self, rid: str, epoch: str | None, reason: str, **extra: Any) -> dict[str, Any]:
         """A ``resync_required`` frame (counted in ``relay_resyncs``)."""
@@ -77,25 +103,12 @@ class OrderedWriter:
         frame = {"type": "resync_required", "request_id": rid, "epoch": epoch, "reason": reason}
         return {**frame, **extra}
 
-    def track(self, rid: str) -> Track:
-        """The position of ``rid``; unsubscribed (firehose) tracks are evicted LRU-first."""
-        track = self.tracks.get(rid)
-        if track is None:
-            track = self.tracks[rid] = Track(None, None)
-            limit = self.config.gateway.firehose_track_requests
-            while len(self.tracks) > limit:
-                oldest = next(iter(self.tracks))
-                if self.subscribed(oldest):
-                    self.tracks.move_to_end(oldest)
-                    break
-                del self.tracks[oldest]
-        else:
-            self.tracks.move_to_end(rid)
-        return track
-
     async def run(self) -> None:
         """Send queued items until cancelled or the client disconnects."""
+        turns = self.turns
+        turns.busy += 1
         try:
+            self._turn_ends = time.monotonic() + turns.slice()
             while True:
                 item = self.queue.pop()
                 if item is None:
@@ -103,44 +116,56 @@ class OrderedWriter:
                         await self._refill_lagged()
                         continue
                     self.queue.wake.clear()
-                    await self.queue.wake.wait()
+                    turns.busy -= 1
+                    try:
+                        await self.queue.wake.wait()
+                    finally:
+                        turns.busy += 1
+                    self._turn_ends = time.monotonic() + turns.slice()
                     continue
                 if isinstance(item, Envelope):
                     await self._send_event(item)
                 elif isinstance(item, str):
-                    await self.ws.send_text(item)
+                    await self._send(item)
                 elif isinstance(item, Begin):
                     await self._begin(item)
                 else:
                     await self._apply_reset(item.request_id, item.epoch, item.reason)
         except WebSocketDisconnect:
-            return  # the client is gone; run() releases everything
+            return  # the client is gone; the connection releases everything
+        finally:
+            turns.busy -= 1
+
+    async def _send(self, text: str) -> None:
+        await self.ws.send_text(text)
+        if time.monotonic() >= self._turn_ends:
+            await asyncio.sleep(0)  # let the other writers, pings and the reader run
+            self._turn_ends = time.monotonic() + self.turns.slice()
 
     async def _begin(self, item: Begin) -> None:
         rid = item.request_id
-        track = self.track(rid)
+        track = self.tracks.ensure(rid)
         track.last, track.epoch = item.last, item.epoch
-        self.queue.lags.pop(rid, None)  # drops before this point are covered by `last`
+        self.queue.take_lag(rid)  # drops before this point are covered by `last`
         for frame in item.frames:
-            await self.ws.send_text(frame)
+            await self._send(frame)
         if item.replay_until is not None and item.replay_until > item.last:
             await self._replay(rid, track, item.replay_until)
 
     async def _refill_lagged(self) -> None:
         """The queue is empty but events were dropped: bring each request up to
         the last dropped seq from history (the next live event continues it)."""
-        for rid in list(self.queue.lags):
+        for rid in self.queue.lagged_requests():
             if not self.wants(rid):
-                self.queue.lags.pop(rid, None)
+                self.queue.take_lag(rid)
                 continue
-            track = self.track(rid)
-            await self._settle_lag(rid, track, fill=True)
+            await self._settle_lag(rid, self.tracks.ensure(rid), fill=True)
 
-    async def _settle_lag(self, rid: str, track: Track, *, fill: bool) -> None:
-        lag = self.queue.lags.pop(rid, None)
+    async def _settle_lag(self, rid: str, track: SeqTrack, *, fill: bool) -> None:
+        lag = self.queue.take_lag(rid)
         if lag is None:
             return
-        await self.ws.send_text(dumps({"type": "lagged", "request_id": rid, "skipped": lag.count}))
+        await self._send(dumps({"type": "lagged", "request_id": rid, "skipped": lag.count}))
         if track.epoch is None:
             track.epoch = lag.epoch
         if lag.epoch != track.epoch:
@@ -153,26 +178,28 @@ class OrderedWriter:
     async def _apply_reset(self, rid: str, epoch: str | None, reason: str) -> None:
         # The new incarnation of the stream starts over at seq 1: forget what
         # was sent, tell the client, and continue with the new epoch.
-        track = self.track(rid)
-        track.last, track.epoch = 0, epoch
-        self.queue.lags.pop(rid, None)
-        await self.ws.send_text(dumps(self.resync(rid, epoch, reason)))
+        self.tracks.ensure(rid).restart(epoch)
+        self.queue.take_lag(rid)
+        await self._send(dumps(self.resync(rid, epoch, reason)))
 
     async def _send_event(self, env: Envelope) -> None:
-        if not self.wants(env.request_id):
+        rid = env.request_id
+        if not self.wants(rid):
             return  # queued before the client unsubscribed
-        track = self.track(env.request_id)
-        if track.epoch is not None and env.epoch != track.epoch:
-            await self._apply_reset(env.request_id, env.epoch, "epoch_changed")
+        track = self.tracks.ensure(rid)
+        step = track.classify(env.epoch, env.seq)
+        if step is Step.RESET:
+            await self._apply_reset(rid, env.epoch, "epoch_changed")
         if track.epoch is None:
             track.epoch = env.epoch
-        if env.request_id in self.queue.lags:
-            await self._settle_lag(env.request_id, track, fill=False)
-        if track.last is not None and env.seq <= track.last:
+        if rid in self.queue.lags:
+            await self._settle_lag(rid, track, fill=False)
+        step = track.classify(env.epoch, env.seq)
+        if step is Step.DUPLICATE:
             return
-        if track.last is not None and env.seq > track.last + 1:
-            await self._replay(env.request_id, track, env.seq - 1)
-            if env.seq <= (track.last or 0):
+        if step is Step.GAP:
+            await self._replay(rid, track, env.seq - 1)
+            if track.classify(env.epoch, env.seq) is Step.DUPLICATE:
                 return
         await self._send_frame(env)
         track.last = env.seq
@@ -180,13 +207,13 @@ class OrderedWriter:
     async def _send_frame(self, env: Envelope) -> None:
         if env.run_id is not None and self.runs and env.run_id not in self.runs:
             return  # workflow events of other runs, once the client chose runs
-        await self.ws.send_text(env.frame)
+        await self._send(env.frame)
         self.metrics.events_out.inc()
         self.metrics.bytes_out.inc(env.nbytes)
         if env.ts:
             self.metrics.latency.observe(max(0.0, time.time() - env.ts / 1000))
 
-    async def _replay(self, rid: str, track: Track, until: int) -> None:
+    async def _replay(self, rid: str, track: SeqTrack, until: int) -> None:
         after = track.last or 0
         try:
             async for batch in self.store.replay(rid, track.epoch or "", after, until):
@@ -205,11 +232,12 @@ class OrderedWriter:
                 first_available_seq=gap.first_available,
                 last_seq=until,
             )
-            await self.ws.send_text(dumps(frame))
+            await self._send(dumps(frame))
         except RedisError as exc:
-            # History cannot be read now. Skipping ahead silently would leave
-            # a hole; say so instead and carry on live (the client resyncs).
+            # History cannot be read now (the client already retried on a
+            # fresh connection). Skipping ahead silently would leave a hole;
+            # say so instead and carry on live (the client resyncs).
             log.warning("replay of %s failed: %s", rid, exc, extra={"request_id": rid})
             track.last = max(track.last or 0, until)
             frame = self.resync(rid, track.epoch, "history_unavailable", last_seq=until)
-            await self.ws.send_text(dumps(frame))
+            await self._send(dumps(frame))

@@ -68,7 +68,7 @@ async def test_channels_are_reference_counted(hub: Hub) -> None:
     await hub.unwatch(rid, a)
     assert await numsub(hub, channel) == 1
     await hub.unwatch(rid, b)
-    await until(lambda: channel not in hub._live)
+    await until(lambda: not hub.link.is_live(channel))
     assert await numsub(hub, channel) == 0
 
 
@@ -103,7 +103,8 @@ async def test_only_watched_requests_are_delivered(hub: Hub) -> None:
 async def test_readiness_follows_the_probe(hub: Hub) -> None:
     assert hub.ready
     assert hub.status()["pubsub_connected"] is True
-    hub._last_probe_rx -= 10  # as if the probe stopped coming back
+    assert hub.link._last_probe_rx is not None
+    hub.link._last_probe_rx -= 10  # as if the probe stopped coming back
     assert not hub.ready
 
 
@@ -114,11 +115,11 @@ async def test_a_dead_listener_is_rebuilt_and_backfills(hub: Hub) -> None:
     client = RelayClient(hub.redis, owns_connection=False)
     await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "a"})
     await until(lambda: len(sub.got) == 1)
-    before = hub.reconnects
-    assert hub._pubsub is not None
-    await hub._pubsub.aclose()  # the connection dies under the reader
+    before = hub.link.reconnects
+    assert hub.link._pubsub is not None
+    await hub.link._pubsub.aclose()  # the connection dies under the reader
     await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "b"})
-    await until(lambda: hub.reconnects > before and hub.ready)
+    await until(lambda: hub.link.reconnects > before and hub.ready)
     await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "c"})
     await until(lambda: len(sub.got) == 3)
     assert [e.seq for e in sub.got] == [1, 2, 3]
@@ -142,8 +143,8 @@ async def test_a_rollback_that_kept_the_epoch_gets_a_new_epoch(hub: Hub) -> None
     await hub.redis.delete(rk.history)
     for entry_id, fields in kept:
         await hub.redis.xadd(rk.history, fields, id=entry_id)
-    assert hub._pubsub is not None
-    await hub._pubsub.aclose()  # the restart drops the connection
+    assert hub.link._pubsub is not None
+    await hub.link._pubsub.aclose()  # the restart drops the connection
     await asyncio.sleep(0.01)
     for i in range(3):  # seqs 4, 5, 6 again, with other events
         await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": f"n{i}"})

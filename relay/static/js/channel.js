@@ -8,8 +8,10 @@ const BACKOFF_MAX_MS = 30000;
 const JITTER = 0.3;
 
 // Relative to the page, so the console also works behind a path prefix.
+// stream=none: the socket carries nothing until it subscribes (never every
+// event of the tenant), so the gateway holds only the requests it opens.
 export const WS_URL = (() => {
-  const url = new URL("ws/events", document.baseURI);
+  const url = new URL("ws/events?stream=none", document.baseURI);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
   return url.toString();
 })();

@@ -1,10 +1,10 @@
 // relay live console: boot and wiring. Loaded by index.html as a module; the
-// other modules are store.js (state and reducers), session.js (the two sockets
-// and their protocol, over channel.js), render.js (the DOM) and format.js.
+// other modules are store.js (state and reducers), session.js (the request
+// listing and the detail socket, over listing.js and channel.js), render.js (the DOM) and format.js.
 // The user's actions (open, close, cancel, answer a budget pause) live here.
 
 import { $, bindRender, clearViewDom, schedule, tick } from "./render.js";
-import { command, detail, firehose, subscribe } from "./session.js";
+import { command, detail, listing, subscribe } from "./session.js";
 import { effects, newView, store } from "./store.js";
 
 // ------------------------------------------------------------------ actions
@@ -70,7 +70,7 @@ function autoOpen(rid) {
 
 function boot() {
   Object.assign(effects, { newRequest: autoOpen, needPending: subscribe, resetDom: clearViewDom });
-  bindRender({ firehose, detail, openRequest, closeRequest, cancel, answer });
+  bindRender({ listing, detail, openRequest, closeRequest, cancel, answer });
   $("open-form").addEventListener("submit", (e) => {
     e.preventDefault();
     const input = $("open-input");
@@ -80,10 +80,10 @@ function boot() {
   $("open-input").addEventListener("input", (e) => e.target.removeAttribute("aria-invalid"));
   const m = /open=([^&]*)/.exec(location.hash);
   if (m) for (const rid of decodeURIComponent(m[1]).split(",")) openRequest(rid);
-  firehose.start();
+  listing.start();
   setInterval(tick, 1000);
   schedule();
-  window.relayConsole = { store, firehose, detail };   // for debugging and tests
+  window.relayConsole = { store, listing, detail };   // for debugging and tests
 }
 
 boot();

@@ -9,7 +9,7 @@ import { TERMINAL, requestStatus, store } from "./store.js";
 
 const WARN_PCT = 80;             // fallback warning level when no warning was seen
 
-// {firehose, detail, openRequest, closeRequest, cancel, answer}
+// {listing, detail, openRequest, closeRequest, cancel, answer}
 let app = null;
 export function bindRender(deps) { app = deps; }
 
@@ -50,7 +50,7 @@ export function connChanged() {
 }
 
 export function renderConn() {
-  const chans = app.detail.stopped ? [app.firehose] : [app.firehose, app.detail];
+  const chans = app.detail.stopped ? [app.listing] : [app.listing, app.detail];
   const down = chans.find((c) => c.state === "reconnecting");
   const el = $("conn-status");
   let state = "live";
@@ -104,9 +104,9 @@ function renderList() {
     // An open request knows better (its snapshot saw the events before this page).
     const view = store.views.get(s.id);
     const known = view && !view.awaiting;
-    const n = known ? view.agents.size : s.agents.size;
+    const n = known ? view.agents.size : s.agents;
     const running = known ? [...view.agents.values()].filter((a) => !TERMINAL.has(a.status)).length
-      : s.running.size;
+      : s.running;
     const status = known ? requestStatus(view)
       : s.paused && !TERMINAL.has(s.status) ? "paused" : s.status;
     const used = known && view.budget ? view.budget.tokens_used : s.used;

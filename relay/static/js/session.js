@@ -1,7 +1,6 @@
-// The console's two sockets and what is said on them.
+// What the console reads from the gateway, and what it says on its socket.
 //
-// * The "firehose" socket never subscribes, so it receives every event of every
-//   request: it feeds the request list on the left.
+// * The request list on the left comes from GET api/v1/requests, polled.
 // * The "detail" socket subscribes to each opened request with snapshot:true,
 //   renders from the snapshot plus the live events after it, and on reconnect
 //   resumes each request with after_seq (the last seq rendered) and epoch.
@@ -9,8 +8,9 @@
 // error comes back with the same command_id.
 
 import { Channel } from "./channel.js";
+import { Listing } from "./listing.js";
 import { connChanged, renderConn, schedule } from "./render.js";
-import { applyEvent, applySnapshot, applySummary, note, store, summary } from "./store.js";
+import { applyEvent, applyListing, applySnapshot, note, store } from "./store.js";
 
 const CONTROL = new Set(["subscribed", "unsubscribed", "snapshot", "budget_pending", "lagged",
   "resync_required", "ack", "error", "pong", "workflow_subscribed", "workflow_unsubscribed"]);
@@ -21,42 +21,24 @@ const link = {
   afterFrame: () => schedule(),
 };
 
-export const firehose = new Channel("firehose",
-  { ...link, onFrame: onFirehoseFrame, onOpen: loadRecent });
+// The request list is read from the gateway's listing every few seconds: a
+// console watching one request then costs the gateway that request's traffic
+// only, instead of every event of the tenant on a socket of its own.
+export const listing = new Listing(onListing, link);
 
 export const detail = new Channel("detail", { ...link, onFrame: onDetailFrame, onOpen: () => {
   for (const view of store.views.values()) { view.subscribed = false; subscribe(view); }
 } });
 
-// Requests that published before this page (or while it was away), e.g. one
-// quietly paused for a budget decision. Live events take over from here.
-async function loadRecent() {
-  let body;
-  try {
-    const resp = await fetch(new URL("api/v1/requests", document.baseURI), { cache: "no-store" });
-    if (!resp.ok) return;
-    body = await resp.json();
-  } catch { return; }
+function onListing(body) {
   for (const r of (body && body.requests) || []) {
-    if (typeof r.request_id !== "string") continue;
-    const fresh = !store.requests.has(r.request_id);
-    const s = summary(r.request_id, r.last_ts);
-    if (!fresh) continue;
-    s.paused = Boolean(r.budget_pending);
-    if (r.outcome) s.status = r.outcome.status;
-    if (r.budget) s.used = r.budget.tokens_used;
+    if (typeof r.request_id === "string") applyListing(r);
   }
-  store.listDirty = true;
   schedule();
 }
 
 function isEvent(f) {
   return !CONTROL.has(f.type) && typeof f.request_id === "string" && Number.isInteger(f.seq);
-}
-
-function onFirehoseFrame(f) {
-  if (isEvent(f)) applySummary(f);
-  else if (f.type === "error" && f.code === "unavailable") store.banner = f.message;
 }
 
 // Subscribe an open request: from a snapshot, or resumed after the last seq seen.

@@ -1,6 +1,7 @@
 // The console's state and the reducers that apply frames to it.
 //
-// * store.requests: one summary per request seen on the firehose (left list).
+// * store.requests: one summary per recent request (left list), from the
+//   gateway's request listing, read every few seconds (session.js).
 // * store.views: the opened requests, each rebuilt from a snapshot and then
 //   kept current by the live events after it (applySnapshot, applyEvent).
 // No sockets and no DOM here: what the reducers need done elsewhere goes
@@ -14,7 +15,7 @@ const MAX_LOG = 40;              // activity lines kept per open request
 export const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 
 export const store = {
-  requests: new Map(),   // request id -> summary from the firehose
+  requests: new Map(),   // request id -> summary from the request listing
   views: new Map(),      // request id -> open request (snapshot + live events)
   commands: new Map(),   // command_id -> {rid, kind, target}
   nextCommand: 1,
@@ -31,8 +32,8 @@ export const effects = {
 export function summary(rid, ts) {
   let s = store.requests.get(rid);
   if (!s) {
-    s = { id: rid, firstTs: ts, lastTs: ts, agents: new Set(), running: new Set(),
-      roots: new Set(), status: "running", used: null, paused: false };
+    s = { id: rid, firstTs: ts, lastTs: ts, agents: 0, running: 0,
+      status: "running", used: null, paused: false };
     store.requests.set(rid, s);
     trimRequests();
     effects.newRequest(rid);
@@ -60,30 +61,14 @@ function newAgent(id) {
     duration: null, summary: "", error: "", reason: "", text: "", flags: [], dom: null };
 }
 
-// Apply one event to the request-list summary (firehose).
-export function applySummary(ev) {
-  const s = summary(ev.request_id, ev.ts);
-  const aid = ev.agent_id;
-  switch (ev.type) {
-    case "agent_spawned":
-      s.agents.add(aid); s.running.add(aid);
-      if (ev.parent_id === null) s.roots.add(aid);
-      break;
-    case "agent_completed": case "agent_failed": case "agent_cancelled":
-      if (ev.type === "agent_failed" && ev.will_retry) break;
-      s.running.delete(aid);
-      if (s.roots.has(aid)) s.status = ev.type.slice(6);
-      break;
-    case "budget_update": case "budget_exhausted":
-      s.used = ev.tokens_used;
-      break;
-    case "budget_warning":
-      s.used = ev.tokens_used; s.paused = true;
-      break;
-    case "budget_decision":
-      s.paused = false;
-      break;
-  }
+// Apply one entry of the request listing to the request-list summary.
+export function applyListing(r) {
+  const s = summary(r.request_id, r.last_ts);
+  s.paused = Boolean(r.budget_pending);
+  s.status = r.outcome && TERMINAL.has(r.outcome.status) ? r.outcome.status : "running";
+  s.used = r.budget && Number.isFinite(r.budget.tokens_used) ? r.budget.tokens_used : null;
+  if (Number.isInteger(r.agents)) s.agents = r.agents;
+  if (Number.isInteger(r.running)) s.running = r.running;
   store.listDirty = true;
 }
 

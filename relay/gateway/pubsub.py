@@ -1,0 +1,268 @@
+"""The gateway's one pub/sub connection, kept alive and proven to deliver.
+
+A listener that dies quietly while health stays green is the worst failure of
+this kind of system, so the connection is supervised:
+
+* any error on it tears it down; the supervisor reconnects with capped,
+  jittered backoff and subscribes every wanted channel again in one command;
+* a probe publishes to this gateway's own channel every ``probe_interval``;
+  when it does not come back within ``probe_timeout`` the connection is
+  declared dead and rebuilt the same way (a socket can stay open and deliver
+  nothing: a half-open TCP connection after a failover or a NAT timeout);
+* the reader only reads and hands each message to the listener, which must
+  not block and does no Redis I/O: a slow history read can never hold up
+  delivery, nor let Redis's output-buffer limit kill the connection.
+
+What to do after a reconnect (backfill what was missed) is the listener's
+business: :meth:`Listener.on_connected` is called from the reader before any
+message that arrived on the new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from ..aio import stop_task
+from ..config import GlobalConfig
+from .metrics import Metrics
+
+
+class Listener(Protocol):
+    """What the link hands its messages to."""
+
+    def wanted_channels(self) -> list[str]:
+        """Every channel to subscribe on a new connection."""
+
+    def on_connected(self) -> None:
+        """The new connection is subscribed; called before any of its messages."""
+
+    def on_message(self, channel: str, data: bytes) -> None:
+        """One message; must not block and must not talk to Redis."""
+
+    def on_disconnected(self) -> None:
+        """The connection failed or was torn down (also called for failed attempts)."""
+
+
+class SubscribeTimeout(Exception):
+    """A channel did not become live in time."""
+
+
+class PubSubLink:
+    """Owns the pub/sub connection, its reader, the probe and the supervisor."""
+
+    def __init__(
+        self,
+        config: GlobalConfig,
+        redis: Redis,
+        pubsub_redis: Redis,
+        metrics: Metrics,
+        listener: Listener,
+        probe_channel: str,
+        log: logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        self.config = config
+        self.redis = redis
+        self._pubsub_redis = pubsub_redis
+        self.metrics = metrics
+        self.listener = listener
+        self.probe_channel = probe_channel
+        self.log = log
+        self._pubsub: PubSub | None = None
+        self._live: set[str] = set()
+        self._live_changed = asyncio.Condition()
+        self._last_probe_rx: float | None = None
+        self._connected = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.reconnects = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Start the supervisor (which connects, reads and probes)."""
+        if self._supervisor is None:
+            self._supervisor = asyncio.create_task(self._supervise(), name="relay-pubsub")
+
+    async def close(self) -> None:
+        """Stop everything this link started and wait for it."""
+        task, self._supervisor = self._supervisor, None
+        if task is not None:
+            await stop_task(task)
+        await self._drop()
+
+    @property
+    def connected(self) -> bool:
+        """Subscribed on a connection that has not failed yet."""
+        return self._connected
+
+    @property
+    def probe_fresh(self) -> bool:
+        """The last probe came back within ``probe_interval + probe_timeout``."""
+        window = self.config.gateway.probe_interval + self.config.gateway.probe_timeout
+        rx = self._last_probe_rx
+        return rx is not None and time.monotonic() - rx < window
+
+    def probe_age(self) -> float | None:
+        """Seconds since the last probe came back (None: none has yet)."""
+        rx = self._last_probe_rx
+        return None if rx is None else round(time.monotonic() - rx, 3)
+
+    def is_live(self, channel: str) -> bool:
+        """Whether ``channel`` is subscribed on the current connection."""
+        return channel in self._live
+
+    @property
+    def live_count(self) -> int:
+        """How many channels (the probe's excluded) are subscribed now."""
+        return len(self._live)
+
+    # ---------------------------------------------------------------- channels
+
+    async def subscribe(self, *channels: str) -> None:
+        """Subscribe now if connected; otherwise the next connection will."""
+        if self._pubsub is not None and self._connected and channels:
+            try:
+                await self._pubsub.subscribe(*channels)
+            except Exception as exc:  # the supervisor rebuilds the connection
+                self.log.warning("subscribe failed: %s", exc)
+                self._wake.set()
+
+    async def unsubscribe(self, *channels: str) -> None:
+        """Unsubscribe now if connected (a new connection never subscribes them)."""
+        for channel in channels:
+            self._live.discard(channel)
+        if self._pubsub is not None and self._connected and channels:
+            try:
+                await self._pubsub.unsubscribe(*channels)
+            except Exception as exc:
+                self.log.warning("unsubscribe failed: %s", exc)
+                self._wake.set()
+
+    async def wait_live(self, *channels: str, timeout: float | None = None) -> None:
+        """Return once any of ``channels`` is live; :class:`SubscribeTimeout` after ``timeout``."""
+        limit = self.config.redis.socket_timeout if timeout is None else timeout
+        async with self._live_changed:
+            try:
+                await asyncio.wait_for(
+                    self._live_changed.wait_for(lambda: any(c in self._live for c in channels)),
+                    limit,
+                )
+            except TimeoutError:
+                raise SubscribeTimeout(f"could not subscribe within {limit:g}s") from None
+
+    # ---------------------------------------------------------------- supervision
+
+    async def _supervise(self) -> None:
+        delay = 0.05
+        cap = self.config.gateway.reconnect_backoff_max
+        while True:
+            worked = False
+            try:
+                await self._connect()
+                worked = True
+                await self._run_connected()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.warning("pub/sub connection lost: %s", exc)
+            # Back off from scratch only after a connection that really
+            # worked; one that fails at once (Redis still loading, refusing)
+            # keeps growing the delay up to the cap.
+            delay = 0.05 if worked else min(delay * 2, cap)
+            self.metrics.redis_reconnects.inc()
+            self.reconnects += 1
+            await self._drop()
+            await asyncio.sleep(delay * random.uniform(0.7, 1.3))
+
+    async def _connect(self) -> None:
+        pubsub = self._pubsub_redis.pubsub()
+        self._pubsub = pubsub
+        # One SUBSCRIBE, probe first: its confirmation reaches the reader
+        # before any message of the other channels.
+        await pubsub.subscribe(self.probe_channel, *self.listener.wanted_channels())
+        self._connected = True
+
+    async def _drop(self) -> None:
+        self._connected = False
+        self.listener.on_disconnected()
+        async with self._live_changed:
+            self._live.clear()
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _run_connected(self) -> None:
+        assert self._pubsub is not None
+        self._wake.clear()
+        reader = asyncio.create_task(self._read(self._pubsub), name="relay-pubsub-reader")
+        prober = asyncio.create_task(self._probe(), name="relay-pubsub-probe")
+        try:
+            await self._wake.wait()
+        finally:
+            # Not a TaskGroup: its exit waits after a single cancel, and a
+            # reader whose cancel was swallowed (see stop_task) kept the
+            # supervisor from ever rebuilding the connection.
+            for task in (reader, prober):
+                exc = await stop_task(task)
+                if exc is not None:
+                    self.log.error("%s failed", task.get_name(), exc_info=exc)
+        raise ConnectionError("pub/sub connection torn down")
+
+    async def _read(self, pubsub: PubSub) -> None:
+        listener = self.listener
+        probe = self.probe_channel
+        try:
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                kind = message["type"]
+                channel = message["channel"].decode()
+                if kind == "message":
+                    if channel == probe:
+                        self._last_probe_rx = time.monotonic()
+                    else:
+                        listener.on_message(channel, message["data"])
+                elif kind == "subscribe":
+                    await self._on_subscribed(channel)
+                elif kind == "unsubscribe":
+                    self._live.discard(channel)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.warning("pub/sub reader stopped: %s", exc)
+            self._wake.set()
+
+    async def _on_subscribed(self, channel: str) -> None:
+        if channel == self.probe_channel:
+            # The subscription itself proves the server answers on this socket.
+            self._last_probe_rx = time.monotonic()
+            self.listener.on_connected()
+            return
+        async with self._live_changed:
+            self._live.add(channel)
+            self._live_changed.notify_all()
+
+    async def _probe(self) -> None:
+        interval = self.config.gateway.probe_interval
+        timeout = self.config.gateway.probe_timeout
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self.redis.publish(self.probe_channel, b"p"), timeout)
+            except Exception as exc:
+                self.log.warning("probe publish failed: %s", exc)
+            if not self.probe_fresh:
+                self.log.warning("probe did not come back within %.1fs: rebuilding", timeout)
+                self.metrics.probe_failures.inc()
+                self._wake.set()
+                return

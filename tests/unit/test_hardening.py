@@ -1,0 +1,230 @@
+"""No frame kills a connection, every buffer is bounded, nothing falls back silently.
+
+Each test here proves one mechanism of the connection: it fails when that
+mechanism is removed (checked once by removing it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import fakeredis
+import pytest
+from starlette.websockets import WebSocketState
+
+from relay.client import RelayClient
+from relay.commands import CommandError, load_object, parse_command
+from relay.gateway.envelope import Envelope
+from relay.gateway.sendqueue import SendQueue
+from relay.gateway.metrics import Metrics
+from tests.unit.test_connection import AGENT, running
+
+DEEP = "[" * 985 + "]" * 985
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        DEEP,
+        '{"type":"ping","command_id":"x","extra":' + DEEP + "}",
+        '{"type":"cancel_agent","agent_id":' + "{" * 600 + "}" * 600 + "}",
+        '{"type":"ping","command_id":"\\ud800"}',
+        '{"type":"ping","command_id":"ok","note":"\\udfff"}',
+    ],
+    ids=["deep-array", "deep-field", "deep-object", "lone-surrogate-id", "lone-surrogate-field"],
+)
+async def test_hostile_frames_are_answered_and_the_connection_kept(
+    fake_redis: fakeredis.FakeAsyncRedis, frame: str
+) -> None:
+    async with running(fake_redis) as h:
+        h.ws.incoming.put_nowait({"type": "websocket.receive", "text": frame})
+        h.ws.client_sends({"type": "ping", "command_id": "after"})
+        await h.until(lambda: bool(h.ws.of_type("pong")))
+        errors = h.ws.of_type("error")
+        assert [e["code"] for e in errors] == ["invalid_json"]
+        assert h.ws.of_type("pong")[0]["command_id"] == "after"
+        assert h.ws.application_state == WebSocketState.CONNECTED
+
+
+def test_parse_limits_are_precise() -> None:
+    # Legitimate frames pass: a paired surrogate escape is a real character,
+    # brackets inside strings are not nesting.
+    assert parse_command('{"type":"ping","command_id":"\\ud83d\\ude00"}').command_id == "\U0001f600"
+    assert parse_command('{"type":"ping","command_id":"' + "[" * 500 + '"}').type == "ping"
+    assert isinstance(load_object("{\"a\":" + "[" * 31 + "]" * 31 + "}")["a"], list)
+    with pytest.raises(CommandError, match="deeper than 32"):
+        load_object('{"a":' + "[" * 32 + "]" * 32 + "}")
+
+
+async def test_an_unexpected_exception_in_a_command_is_answered(
+    fake_redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(fake_redis) as h:
+
+        async def broken(command: Any) -> dict[str, Any]:
+            raise KeyError("a defect")
+
+        monkeypatch.setattr(h.conn, "_execute", broken)
+        h.ws.client_sends({"type": "ping", "command_id": 1})
+        h.ws.client_sends({"type": "ping", "command_id": 2})
+        await h.until(lambda: len(h.ws.of_type("error")) == 2)
+        assert {e["code"] for e in h.ws.of_type("error")} == {"internal_error"}
+        assert h.ws.application_state == WebSocketState.CONNECTED
+
+
+async def test_a_failing_writer_closes_with_1011_not_a_silent_drop(
+    fake_redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running(fake_redis) as h:
+        real = h.ws.send_text
+
+        async def send_text(text: str) -> None:
+            if "boom" in text:
+                raise UnicodeEncodeError("utf-8", "x", 0, 1, "surrogates not allowed")
+            await real(text)
+
+        monkeypatch.setattr(h.ws, "send_text", send_text)
+        h.conn._reply({"type": "pong", "command_id": "boom"})
+        await h.until(lambda: h.ws.close_code is not None)
+        assert h.ws.close_code == 1011
+
+
+async def test_a_second_subscribe_holds_a_bounded_buffer(
+    fake_redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the store answers a re-subscribe, live events wait in a buffer of
+    at most send_queue_max; what it drops comes back from history, in order."""
+    rid = str(uuid.uuid4())
+    async with running(fake_redis, send_queue_max=8) as h:
+        h.ws.client_sends({"type": "subscribe", "request_id": rid})
+        await h.until(lambda: bool(h.ws.of_type("subscribed")))
+        envs = await h.publish(rid, 200)
+        gate = asyncio.Event()
+        real_position = h.hub.store.position
+
+        async def slow_position(request_id: str) -> Any:
+            await gate.wait()
+            return await real_position(request_id)
+
+        monkeypatch.setattr(h.hub.store, "position", slow_position)
+        h.ws.client_sends({"type": "subscribe", "request_id": rid, "after_seq": 0})
+        await h.until(lambda: h.conn._subs[rid].hold)
+        for env in envs:
+            h.conn.offer(env)
+        assert len(h.conn._subs[rid].pending) == 8
+        gate.set()
+        await h.until(lambda: len(h.ws.events(rid)) >= 200)
+        # The resume replays 1..200 from after_seq=0; nothing lost, nothing twice.
+        assert h.ws.events(rid) == list(range(1, 201))
+
+
+async def test_lag_records_are_bounded() -> None:
+    """A tenant-wide client whose dropped events span more requests than the
+    bound is closed with 1013 instead of keeping a record per request forever."""
+    queue = SendQueue(2, 1 << 20, "drop_oldest", Metrics(), max_lagged=5)
+    for i in range(10):
+        rid = str(uuid.UUID(int=i))
+        queue.push_event(Envelope(rid, 1, "e", "agent_text_delta", "{}", nbytes=2))
+    assert len(queue.lags) <= 5
+    assert queue.close_code == 1013
+
+
+async def test_a_connect_time_subscription_that_cannot_start_closes_1013(
+    fake_redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never the tenant-wide stream instead of the request asked for."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    rid = str(uuid.uuid4())
+    calls = 0
+
+    async def down(request_id: str) -> None:
+        nonlocal calls
+        calls += 1
+        raise RedisConnectionError("Error 111 connecting to 10.1.2.3:6379")
+
+    monkeypatch.setattr("relay.gateway.store.RequestStore.position", lambda self, r: down(r))
+    async with running(
+        fake_redis, query=f"request_id={rid}&after_seq=3", connect_subscribe_timeout=0.3
+    ) as h:
+        await h.until(lambda: h.ws.close_code is not None)
+        assert h.ws.close_code == 1013
+        assert calls >= 2  # retried before giving up
+        assert h.conn not in h.hub.firehose
+        # Redis's address is the gateway's business, not the client's.
+        assert "10.1.2.3" not in json.dumps(h.ws.sent)
+
+
+async def test_a_connect_time_subscription_survives_a_brief_outage(
+    fake_redis: fakeredis.FakeAsyncRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from relay.gateway.store import RequestStore
+
+    rid = str(uuid.uuid4())
+    real = RequestStore.position
+    failures = 2
+
+    async def flaky(self: RequestStore, request_id: str) -> Any:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise RedisConnectionError("Connection closed by server.")
+        return await real(self, request_id)
+
+    publisher = RelayClient(fake_redis, owns_connection=False)
+    for i in range(5):
+        await publisher.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": str(i)})
+    monkeypatch.setattr(RequestStore, "position", flaky)
+    async with running(fake_redis, query=f"request_id={rid}&after_seq=2") as h:
+        await h.until(lambda: h.ws.events(rid) == [3, 4, 5])
+        assert failures == 0
+        assert not h.ws.of_type("error")
+        assert h.conn not in h.hub.firehose
+
+
+async def test_stream_none_carries_nothing_until_subscribed(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    rid = str(uuid.uuid4())
+    async with running(fake_redis, query="stream=none") as h:
+        h.ws.client_sends({"type": "ping"})
+        await h.until(lambda: bool(h.ws.of_type("pong")))
+        assert h.conn not in h.hub.firehose
+        h.ws.client_sends({"type": "subscribe", "request_id": rid})
+        await h.until(lambda: bool(h.ws.of_type("subscribed")))
+        h.ws.client_sends({"type": "unsubscribe", "request_id": rid})
+        await h.until(lambda: bool(h.ws.of_type("unsubscribed")))
+        assert h.conn not in h.hub.firehose
+
+
+async def test_unparseable_history_entries_are_skipped_not_fatal(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    """An entry written by a publisher that bypassed the script's checks
+    does not disconnect every client that resumes across it."""
+    rid = str(uuid.uuid4())
+    async with running(fake_redis) as h:
+        await h.publish(rid, 2)
+        history = h.client.keys.request(rid).history
+        await fake_redis.xadd(history, {"f": "not json at all"}, id="3-0")
+        await fake_redis.set(h.client.keys.request(rid).seq, 3)
+        await h.publish(rid, 2)  # seqs 4 and 5
+        skipped: list[int] = []
+        h.hub.store.on_skip = lambda r, seq, why: skipped.append(seq)
+        h.ws.client_sends({"type": "subscribe", "request_id": rid, "after_seq": 0})
+        await h.until(lambda: h.ws.events(rid) == [1, 2, 4, 5])
+        assert skipped == [3]
+        assert h.ws.application_state == WebSocketState.CONNECTED
+
+
+def test_envelope_counts_bytes_not_characters() -> None:
+    frame = '{"type":"agent_text_delta","text":"héllo wörld ✓"}'
+    header = f"e 1 {AGENT} agent_text_delta 1\n"
+    env = Envelope.parse((header + frame).encode())
+    assert env.nbytes == len(frame.encode()) > len(frame)
+    assert Envelope.from_history(AGENT, "e", 1, frame).nbytes == len(frame.encode())
