@@ -18,8 +18,8 @@ from starlette.websockets import WebSocketState
 from relay.client import RelayClient
 from relay.commands import CommandError, load_object, parse_command
 from relay.gateway.envelope import Envelope
-from relay.gateway.sendqueue import SendQueue
 from relay.gateway.metrics import Metrics
+from relay.gateway.sendqueue import SendQueue
 from tests.unit.test_connection import AGENT, running
 
 DEEP = "[" * 985 + "]" * 985
@@ -54,7 +54,7 @@ def test_parse_limits_are_precise() -> None:
     # brackets inside strings are not nesting.
     assert parse_command('{"type":"ping","command_id":"\\ud83d\\ude00"}').command_id == "\U0001f600"
     assert parse_command('{"type":"ping","command_id":"' + "[" * 500 + '"}').type == "ping"
-    assert isinstance(load_object("{\"a\":" + "[" * 31 + "]" * 31 + "}")["a"], list)
+    assert isinstance(load_object('{"a":' + "[" * 31 + "]" * 31 + "}")["a"], list)
     with pytest.raises(CommandError, match="deeper than 32"):
         load_object('{"a":' + "[" * 32 + "]" * 32 + "}")
 
@@ -178,7 +178,9 @@ async def test_a_connect_time_subscription_survives_a_brief_outage(
 
     publisher = RelayClient(fake_redis, owns_connection=False)
     for i in range(5):
-        await publisher.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": str(i)})
+        await publisher.publish(
+            rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": str(i)}
+        )
     monkeypatch.setattr(RequestStore, "position", flaky)
     async with running(fake_redis, query=f"request_id={rid}&after_seq=2") as h:
         await h.until(lambda: h.ws.events(rid) == [3, 4, 5])
@@ -228,3 +230,54 @@ def test_envelope_counts_bytes_not_characters() -> None:
     env = Envelope.parse((header + frame).encode())
     assert env.nbytes == len(frame.encode()) > len(frame)
     assert Envelope.from_history(AGENT, "e", 1, frame).nbytes == len(frame.encode())
+
+
+async def test_busy_writers_take_turns(fake_redis: fakeredis.FakeAsyncRedis) -> None:
+    """A send to a socket with room never suspends, so without turns the first
+    writer with a full queue would hold the event loop for its whole queue,
+    starving every other client, pings and the delivery probe."""
+    from relay.config import GlobalConfig
+    from relay.gateway.store import RequestStore
+    from relay.gateway.writer import OrderedWriter, SendTurns
+    from relay.keys import Keys
+
+    order: list[str] = []
+
+    class Sink:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def send_text(self, text: str) -> None:
+            order.append(self.name)
+
+    turns = SendTurns(budget=0.0)  # yield after every frame
+    store = RequestStore(fake_redis, Keys())
+    writers, tasks = [], []
+    for name in ("a", "b"):
+        queue = SendQueue(1000, 1 << 24, "drop_oldest", Metrics())
+        rid = str(uuid.uuid4())
+        for seq in range(1, 201):
+            queue.push_event(Envelope(rid, seq, "e", "agent_text_delta", "{}", nbytes=2))
+        writer = OrderedWriter(
+            Sink(name),  # type: ignore[arg-type]
+            queue,
+            store,
+            GlobalConfig(),
+            Metrics(),
+            wants=lambda r: True,
+            subscribed=lambda r: False,
+            runs=set(),
+            turns=turns,
+        )
+        writers.append(writer)
+        tasks.append(asyncio.create_task(writer.run()))
+    try:
+        async with asyncio.timeout(5):
+            while len(order) < 400:
+                await asyncio.sleep(0.001)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert set(order[:20]) == {"a", "b"}, order[:20]
+    assert turns.busy == 0
