@@ -46,7 +46,7 @@ class Services:
     turns: SendTurns
 
 
-def _redis_clients(config: GlobalConfig) -> tuple[Redis, Redis]:
+def _redis_clients(config: GlobalConfig) -> tuple[Redis, Redis, Redis]:
     rc = config.redis
     url = rc.effective_url
     timeout = rc.socket_timeout
@@ -75,7 +75,17 @@ def _redis_clients(config: GlobalConfig) -> tuple[Redis, Redis]:
         socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
     )
-    return commands, pubsub
+    # Health traffic (the delivery probe, /readyz's ping) has a small pool of
+    # its own: a burst of commands or history reads that fills the main pool
+    # must not make a healthy gateway look dead and rebuild its subscription.
+    control = Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        max_connections=4,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.2), 2),
+    )
+    return commands, control, pubsub
 
 
 def services(scope_holder: Request | WebSocket) -> Services:
@@ -100,7 +110,7 @@ async def readyz(request: Request) -> Response:
     svc = services(request)
     status: dict[str, Any] = svc.hub.status()
     try:
-        await asyncio.wait_for(svc.redis.ping(), 1.0)
+        await asyncio.wait_for(svc.hub.control.ping(), 1.0)
         redis_ok = True
     except Exception:
         redis_ok = False
@@ -163,9 +173,9 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        commands, pubsub = _redis_clients(cfg)
+        commands, control, pubsub = _redis_clients(cfg)
         registry = Metrics()
-        hub = Hub(cfg, commands, pubsub, registry)
+        hub = Hub(cfg, commands, pubsub, registry, control=control)
         actions = Actions(cfg, commands, registry)
         app.state.services = Services(cfg, commands, hub, registry, actions, SendTurns())
         await hub.start()
@@ -174,6 +184,7 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         finally:
             await hub.close()
             await commands.aclose()
+            await control.aclose()
             await pubsub.aclose()
 
     routes = [

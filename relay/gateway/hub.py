@@ -61,10 +61,18 @@ class Hub:
     """Routes events to connections; owns the pub/sub link and the backfill lanes."""
 
     def __init__(
-        self, config: GlobalConfig, redis: Redis, pubsub_redis: Redis, metrics: Metrics
+        self,
+        config: GlobalConfig,
+        redis: Redis,
+        pubsub_redis: Redis,
+        metrics: Metrics,
+        *,
+        control: Redis | None = None,
     ) -> None:
         self.config = config
         self.redis = redis
+        self.control = control or redis
+        """Health traffic (probe, readiness ping): a pool of its own in the app."""
         self.metrics = metrics
         self.keys = Keys(config.redis.tenant)
         self.gateway_id = uuid.uuid4().hex[:12]
@@ -82,7 +90,7 @@ class Hub:
         )
         self.link = PubSubLink(
             config,
-            redis,
+            self.control,
             pubsub_redis,
             metrics,
             self,

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from playwright.async_api import Browser, Page, WebSocketRoute, async_playwright, expect
 
 from tests.support import Gateway, RedisServer, RelayProcess
@@ -278,7 +279,7 @@ async def test_protocol_edges_against_a_scripted_socket(browser: Browser, gatewa
 
     context = await browser.new_context()
     page = await context.new_page()
-    await page.route_web_socket(re.compile(r"/ws/events$"), handler)
+    await page.route_web_socket(re.compile(r"/ws/events\?stream=none$"), handler)
     await page.goto(f"{gateway.http}/#open={rid}")
     await expect(page.get_by_test_id(f"agent-status-{root}")).to_have_text("running")
     detail = subscribed_on[0]
@@ -307,3 +308,20 @@ async def test_protocol_edges_against_a_scripted_socket(browser: Browser, gatewa
     subscribes = [f for f in received if f.get("type") == "subscribe"]
     assert [f.get("snapshot") for f in subscribes] == [True, True], received
     await context.close()
+
+
+async def test_the_console_holds_no_tenant_wide_channel(
+    page: Page, simulate: StartSim, gateway: Gateway, redis_server: RedisServer
+) -> None:
+    """The request list comes from the listing, so a console showing one
+    request costs its gateway that request's traffic only."""
+    rid, _ = simulate("--agents", "2", "--deltas", "200", "--delta-interval", "0.05")
+    await open_from_list(page, rid)
+    await expect(page.locator("[data-testid^='agent-status-']").first).to_be_visible()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        channels = {c.decode() for c in client.pubsub_channels("relay:*")}
+    finally:
+        client.close()
+    assert "relay:default:events" not in channels, channels
+    assert f"relay:default:req:{{{rid}}}:events" in channels, channels
