@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_arguments(p)
 
-    p = add("demo", cmd_demo, "run Redis (embedded if needed), two gateways and a simulation")
+    p = add(
+        "demo", cmd_demo, "run an embedded Redis (or a configured one), two gateways, a simulation"
+    )
     p.add_argument("--redis-url", dest="redis_url", help=REDIS_URL_HELP)
     p.add_argument("--port", type=int, default=8000, help="first gateway port (default 8000)")
     p.add_argument("--no-simulate", action="store_true", help="start no simulated orchestrator")
