@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,7 @@ def test_every_rendered_line_is_sanitised() -> None:
     hostile = "\x1b]0;owned\x07Plan\x1b[2J"
     r = TreeRenderer()
     agent = "00000000-0000-4000-8000-000000000000"
-    frames = [
+    frames: list[dict[str, Any]] = [
         {"type": "agent_spawned", "agent_id": agent, "parent_id": None, "task_description": hostile,
          "depth": 0, "index": 0, "total": 1},
         {"type": "agent_failed", "agent_id": agent, "error": hostile, "will_retry": False},
