@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support import RedisServer
+from tests.support import Gateway, RedisServer, wait_for
 
 AGENT = str(uuid.uuid4())
 
@@ -88,3 +93,134 @@ def test_schema_is_json(redis_server: RedisServer) -> None:
     result = relay(redis_server, "schema")
     assert result.returncode == 0
     assert "agent_spawned" in json.dumps(json.loads(result.stdout))
+
+
+# ---------------------------------------------------------------- relay tail and signals
+
+
+def ignore_sigint() -> None:  # pragma: no cover - runs in the child before exec
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_tail_started_with_sigint_ignored_still_stops_on_a_signal(
+    start_gateway: Callable[..., Gateway], tmp_path: Path, sig: int
+) -> None:
+    """As `relay tail ... &` in a script or under nohup: SIGINT arrives as SIG_IGN."""
+    gw = start_gateway()
+    log = tmp_path / "tail.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "tail", gw.ws_url, "--no-input"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            preexec_fn=ignore_sigint,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "connected to" in log.read_text(), 15, what="tail connected")
+        proc.send_signal(sig)
+        assert proc.wait(5) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert "Traceback" not in log.read_text()
+
+
+# ---------------------------------------------------------------- relay gateway on a busy port
+
+
+def test_gateway_on_a_busy_port_names_it_and_exits_3(redis_server: RedisServer) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = relay(redis_server, "gateway", "--port", str(port))
+    assert result.returncode == 3, result.stderr
+    assert f"relay: cannot listen on 127.0.0.1:{port}: the address is already in use" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert "3 the gateway could not start" in relay(redis_server, "--help").stdout
+
+
+# ---------------------------------------------------------------- id prefixes
+
+
+def uid(head: str) -> str:
+    """A UUID starting with the hex digits ``head`` (the rest random)."""
+    rest = uuid.uuid4().hex
+    return str(uuid.UUID(head + rest[len(head) :]))
+
+
+def spawn(redis: RedisServer, rid: str, agent: str, parent: str | None) -> None:
+    depth = 0 if parent is None else 1
+    event = {"type": "agent_spawned", "agent_id": agent, "parent_id": parent,
+             "task_description": "t", "depth": depth, "index": 0, "total": 1}  # fmt: skip
+    result = relay(redis, "publish", rid, json.dumps(event))
+    assert result.returncode == 0, result.stderr
+
+
+def tombstone(redis: RedisServer, target: str) -> dict[str, Any]:
+    stored = redis.command("GET", f"relay:default:cancel:{{{target}}}").strip()
+    return dict(json.loads(stored)) if stored else {}
+
+
+def test_cancel_accepts_a_unique_prefix_and_explains_the_rest(redis_server: RedisServer) -> None:
+    first, second = uid("a1b2c3d4e5"), uid("f0e1d2c3")
+    root1, root2 = uid("0abc0abc"), uid("0abc0abd")
+    twin1, twin2 = uid("7777aaaa1"), uid("7777aaaa2")  # same first 8 characters
+    spawn(redis_server, first, root1, None)
+    spawn(redis_server, first, twin1, root1)
+    spawn(redis_server, second, root2, None)
+    spawn(redis_server, second, twin2, root2)
+
+    # The 8 characters relay tail shows, for an agent and for a request.
+    result = relay(redis_server, "cancel", root1[:8])
+    assert result.returncode == 0, result.stderr
+    assert f"cancel of agent {root1} of request {first} recorded" in result.stdout
+    assert tombstone(redis_server, root1)["target_id"] == root1
+    result = relay(redis_server, "cancel", first[:8].upper())
+    assert result.returncode == 0, result.stderr
+    assert f"cancel of request {first} recorded" in result.stdout
+
+    result = relay(redis_server, "cancel", "7777aaaa")
+    assert result.returncode == 1
+    assert "7777aaaa is ambiguous (2 matches: agent " in result.stderr
+    assert twin1 in result.stderr and twin2 in result.stderr
+    assert not tombstone(redis_server, twin1) and not tombstone(redis_server, twin2)
+
+    # Narrowed to one request (itself given by a prefix), the prefix is unique.
+    result = relay(redis_server, "cancel", "7777aaaa", "--request", second[:8])
+    assert result.returncode == 0, result.stderr
+    assert tombstone(redis_server, twin2) and not tombstone(redis_server, twin1)
+    # Hyphens may be kept or left out.
+    result = relay(redis_server, "cancel", twin1[:13])
+    assert result.returncode == 0, result.stderr
+    assert tombstone(redis_server, twin1)["target_id"] == twin1
+
+    result = relay(redis_server, "cancel", "0abc0")
+    assert result.returncode == 1 and "0abc0 is ambiguous (2 matches" in result.stderr
+    result = relay(redis_server, "cancel", "deadbeef")
+    assert result.returncode == 1
+    assert "no id starts with deadbeef (searched the 500 most recently active" in result.stderr
+    result = relay(redis_server, "cancel", "deadbeef", "--request", first)
+    assert result.returncode == 1
+    assert f"no id starts with deadbeef (searched request {first} and its agents)" in result.stderr
+    for bad in ("abc", "not-hex!"):
+        result = relay(redis_server, "cancel", bad)
+        assert result.returncode == 2, result.stderr
+        assert f"{bad!r} is neither a UUID nor an id prefix" in result.stderr
+    result = relay(redis_server, "cancel", "deadbeef", "--request", str(uuid.uuid4()))
+    assert result.returncode == 1 and "has no state in Redis" in result.stderr
+
+
+def test_budget_answers_accept_a_request_prefix(redis_server: RedisServer) -> None:
+    rid = uid("5eed5eed")
+    spawn(redis_server, rid, uid("1234abcd"), None)
+    result = relay(redis_server, "continue", rid[:8])
+    assert result.returncode == 1
+    assert f"no budget decision is pending for request {rid}" in result.stderr
+    result = relay(redis_server, "stop", "1234abcd")
+    assert result.returncode == 1, "an agent id is no request"
+    assert "no id starts with 1234abcd" in result.stderr
