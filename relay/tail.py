@@ -249,7 +249,15 @@ class Console:
         # Error texts can quote the peer (a close reason), so they are untrusted too.
         start = "\n" if self._prompt_open else ""
         self._prompt_open = False
+        status_shown = self._status_shown
+        if status_shown:
+            # Same terminal: take the status line away, say it, put it back below.
+            self.out.write(_CLEAR_LINE)
+            self.out.flush()
+            self._status_shown = False
         print(f"{start}relay tail: {sanitize(text)}", file=sys.stderr, flush=True)
+        if status_shown:
+            self._redraw()
 
     def _emit(self, lines: list[str]) -> None:
         if not lines and not (self.live and self.renderer.counter):

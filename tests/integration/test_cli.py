@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import Gateway, RedisServer, wait_for
+from tests.support import Gateway, RedisServer, RelayProcess, wait_for
 
 AGENT = str(uuid.uuid4())
 
@@ -224,3 +225,143 @@ def test_budget_answers_accept_a_request_prefix(redis_server: RedisServer) -> No
     result = relay(redis_server, "stop", "1234abcd")
     assert result.returncode == 1, "an agent id is no request"
     assert "no id starts with 1234abcd" in result.stderr
+
+
+# ---------------------------------------------------------------- relay tail on a terminal
+
+
+class TailOnPty:
+    """``relay tail`` with a pseudo-terminal as stdin, stdout and stderr: live and interactive."""
+
+    def __init__(self, *args: str) -> None:
+        master, slave = os.openpty()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "tail", *args],
+            stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+        )  # fmt: skip
+        os.close(slave)
+        self.master = master
+        self.seen = b""
+
+    def output(self) -> str:
+        """Everything written to the terminal so far (reads what is pending)."""
+        while self.master >= 0 and select.select([self.master], [], [], 0)[0]:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO once the child closed its side
+                break
+            if not chunk:
+                break
+            self.seen += chunk
+        return self.seen.decode(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float = 30) -> None:
+        try:
+            wait_for(lambda: needle in self.output(), timeout, what=repr(needle))
+        except TimeoutError:
+            raise AssertionError(f"{needle!r} never shown:\n{self.output()[-3000:]!r}") from None
+
+    def status_line(self) -> str:
+        """What the live status line shows now: the text after tail's last line clear."""
+        return self.output().rsplit("\r\x1b[K", 1)[-1]
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.output()
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
+        return self.proc.returncode
+
+
+@pytest.fixture
+def tails() -> Iterator[list[TailOnPty]]:
+    started: list[TailOnPty] = []
+    yield started
+    for tail in started:
+        if tail.proc.poll() is None:
+            tail.close()
+
+
+HOSTILE = "Plan\x1b]0;pwned\x07\x1b[2J\x1b]52;c;Y3VybCBldmlsLnNo\x07\x9b1A"
+
+
+def test_tail_on_a_terminal_drops_a_moot_prompt_and_disarms_escapes(
+    start_gateway: Callable[..., Gateway], redis_server: RedisServer, tails: list[TailOnPty]
+) -> None:
+    gw = start_gateway()
+    rid, root = str(uuid.uuid4()), str(uuid.uuid4())
+    tail = TailOnPty(gw.ws_url, "--request-id", rid)
+    tails.append(tail)
+    tail.wait_for("subscribed to")
+    spawned = {"type": "agent_spawned", "agent_id": root, "parent_id": None,
+               "task_description": HOSTILE, "depth": 0, "index": 0, "total": 1}  # fmt: skip
+    warning = {"type": "budget_warning", "request_id": rid, "tokens_used": 8000,
+               "budget_total": 10000}  # fmt: skip
+    assert relay(redis_server, "publish", rid, json.dumps(spawned)).returncode == 0
+    assert relay(redis_server, "publish", rid, json.dumps(warning)).returncode == 0
+    tail.wait_for("Continue? [y/n]")
+    assert "Continue? [y/n]" in tail.status_line()
+
+    # The request ends without a decision (its root was cancelled mid-pause).
+    ended = {"type": "agent_cancelled", "agent_id": root, "reason": "gone\x1b[1A\x1b[2K"}
+    assert relay(redis_server, "publish", rid, json.dumps(ended)).returncode == 0
+    tail.wait_for(f"⊘ [{root[:8]}] cancelled: gone")
+    wait_for(lambda: "Continue?" not in tail.status_line(), 5, what="the prompt cleared")
+    assert tail.close() == 0
+    out = tail.output()
+    assert f"Plan [{root[:8]}]" in out
+    # tail's own line clears are the only escape sequences on the terminal.
+    assert out.replace("\r\x1b[K", "").count("\x1b") == 0, repr(out)
+    assert not any(c in out for c in "\x07\x9b"), repr(out)
+
+
+def test_tail_on_a_terminal_sends_an_answer_typed_while_disconnected_on_reconnect(
+    start_gateway: Callable[..., Gateway],
+    gateways: list[Gateway],
+    redis_server: RedisServer,
+    tails: list[TailOnPty],
+    tmp_path: Path,
+) -> None:
+    gw = start_gateway()
+    rid = str(uuid.uuid4())
+    tail = TailOnPty(gw.ws_url, "--request-id", rid)
+    tails.append(tail)
+    tail.wait_for("subscribed to")
+    sim = RelayProcess(
+        ["simulate", "--request-id", rid, "--seed", "42", "--agents", "3", "--budget", "10000",
+         "--deltas", "30", "--delta-interval", "0.05", "--decision-timeout", "60"],
+        {"RELAY_REDIS_URL": redis_server.url}, tmp_path / "simulate.log",
+    ).start()  # fmt: skip
+    try:
+        tail.wait_for("Continue? [y/n]", 60)
+        gw.stop()
+        tail.wait_for("reconnecting in")
+        tail.type("y\n")
+        tail.wait_for("not connected: budget_continue for")
+        tail.wait_for("queued, sent when reconnected")
+
+        # The same address comes back (a restarted gateway): the answer goes out.
+        again = Gateway(redis_server.url, tmp_path / "gateway-again.log",
+                        {"RELAY_GATEWAY_PORT": str(gw.port)})  # fmt: skip
+        again.port = gw.port
+        gateways.append(again)
+        again.start()
+        tail.wait_for("✓ budget_continue accepted", 30)
+        assert sim.wait(60) == 0, sim.output()
+        assert (
+            "completed" in [ln for ln in sim.output().splitlines() if ln.startswith("request ")][-1]
+        )
+    finally:
+        sim.stop(signal.SIGKILL)
+    assert tail.close() == 0
