@@ -14,7 +14,7 @@ request ended). An answer typed while disconnected is queued, up to
 :data:`OUTBOX_MAX`, and sent on reconnect; beyond that it is refused, and
 either way the terminal says so. ``relay tail`` installs its own SIGINT and
 SIGTERM handlers, so it stops on Ctrl-C even when started with SIGINT
-ignored (in the background of a script, under ``nohup``).
+ignored (``relay tail ... &`` in a script, ``nohup relay tail ... &``).
 """
 
 from __future__ import annotations
@@ -313,8 +313,8 @@ async def _tail(args: argparse.Namespace) -> None:
 
         loop.add_reader(sys.stdin.fileno(), on_stdin)
     # Our own handlers, whatever was inherited: started with SIGINT ignored
-    # (`cmd &` in a script, nohup) Python installs none and Ctrl-C would do
-    # nothing; SIGTERM would kill the process without ending the status line.
+    # (`cmd &` in a script, `nohup cmd &`) Python installs none and Ctrl-C
+    # would do nothing; SIGTERM would kill it without ending the status line.
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
