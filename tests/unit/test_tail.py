@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import uuid
 from typing import Any
 
+import pytest
+
+from relay.aio import cancel_and_wait
 from relay.render import TreeRenderer, format_tokens
-from relay.tail import Console
+from relay.tail import OUTBOX_MAX, Console
+from tests.support import eventually
 
 RID = "5b0e5a4e-6a43-4a57-9f39-1a2b3c4d5e6f"
 OTHER = "9c1d2e3f-0000-4000-8000-000000000000"
@@ -174,8 +179,9 @@ def test_console_answers_a_budget_pause_from_a_typed_line() -> None:
     assert c.prompts == [RID], "an unclear answer asks again"
     c.answer("y\n")
     assert c.prompts == []
-    sent = c._outbox.get_nowait()
-    assert sent == {"type": "budget_continue", "request_id": RID, "command_id": "tail-1"}
+    assert list(c._outbox) == [
+        {"type": "budget_continue", "request_id": RID, "command_id": "tail-1"}
+    ]
     assert "⚠ budget warning" in out.getvalue()
 
 
@@ -187,7 +193,7 @@ def test_console_drops_a_prompt_decided_elsewhere() -> None:
     c.on_message(json.dumps(frame("budget_decision", decision="stop", decided_by="timeout")))
     assert c.prompts == []
     c.answer("n\n")
-    assert c._outbox.empty(), "nothing is pending any more, so nothing is sent"
+    assert not c._outbox, "nothing is pending any more, so nothing is sent"
 
 
 def test_console_never_prompts_without_input() -> None:
@@ -208,3 +214,143 @@ def test_a_long_running_tail_stays_bounded() -> None:
         )  # fmt: skip
     assert len(renderer._agents) == REMEMBER_MAX
     assert len(renderer._requests) == REMEMBER_MAX
+
+
+# ---------------------------------------------------------------- prompts that end
+
+
+class Tty(io.StringIO):
+    """A StringIO that says it is a terminal, so the console keeps a live status line."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def status_line(out: io.StringIO) -> str:
+    """What the terminal shows on the status line: the text after the last line clear."""
+    return out.getvalue().rsplit("\r\x1b[K", 1)[-1]
+
+
+def paused_console(live: bool) -> tuple[Console, io.StringIO]:
+    out: io.StringIO = Tty() if live else io.StringIO()
+    c = Console("ws://unused", request_ids=[RID], interactive=True, out=out)
+    c.on_message(json.dumps(spawned(ROOT, None, task="Answer")))
+    c.on_message(json.dumps(spawned(A, ROOT, 0, 1, "Research", 1)))
+    c.on_message(json.dumps(frame("budget_warning", tokens_used=8, budget_total=10)))
+    assert c.prompts == [RID]
+    return c, out
+
+
+def test_the_prompt_leaves_the_status_line_when_the_request_ends() -> None:
+    c, out = paused_console(live=True)
+    assert "Continue? [y/n]" in status_line(out)
+    c.on_message(json.dumps(frame("agent_completed", agent_id=A, result_summary="r",
+                                  tokens_used=5, duration_ms=1)))  # fmt: skip
+    assert c.prompts == [RID], "a sub-agent ending does not end the request"
+    assert "Continue? [y/n]" in status_line(out)
+    c.on_message(json.dumps(frame("agent_cancelled", agent_id=ROOT, reason="cancelled by user")))
+    assert c.prompts == []
+    assert "Continue? [y/n]" not in status_line(out)
+    assert "[tokens: 8 / 10]" in status_line(out), "the counter stays"
+
+
+def test_a_failed_root_ends_the_prompt_unless_it_retries(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    c, _ = paused_console(live=False)
+    c.on_message(json.dumps(frame("agent_failed", agent_id=ROOT, error="e", will_retry=True)))
+    assert c.prompts == [RID]
+    c.on_message(json.dumps(frame("agent_failed", agent_id=ROOT, error="e", will_retry=False)))
+    assert c.prompts == []
+    err = capsys.readouterr().err
+    assert "Continue? [y/n] \nrelay tail: budget pause of 5b0e5a4e is over, no answer needed" in err
+
+
+def test_a_snapshot_with_an_outcome_ends_the_prompt() -> None:
+    c, out = paused_console(live=True)
+    c.on_message(json.dumps({"type": "snapshot", "request_id": RID, "seq": 40, "agents": [],
+                             "pending_decision": None,
+                             "outcome": {"status": "completed", "agent_id": ROOT}}))  # fmt: skip
+    assert c.prompts == []
+    assert "Continue? [y/n]" not in status_line(out)
+
+
+def test_a_decision_ends_the_prompt_on_the_status_line() -> None:
+    c, out = paused_console(live=True)
+    c.on_message(json.dumps(frame("budget_decision", decision="stop", decided_by="timeout")))
+    assert c.prompts == [] and "Continue? [y/n]" not in status_line(out)
+
+
+# ---------------------------------------------------------------- answers while disconnected
+
+
+class FakeWs:
+    """Records what is sent; the first ``fail`` sends raise like a dropped connection."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.fail = fail
+
+    async def send(self, text: str) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionResetError("connection lost")
+        self.sent.append(json.loads(text))
+
+
+async def test_an_answer_typed_while_disconnected_is_queued_and_sent_on_reconnect(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    c, _ = paused_console(live=False)
+    assert not c.connected
+    c.answer("y\n")
+    err = capsys.readouterr().err
+    assert "not connected: budget_continue for 5b0e5a4e queued, sent when reconnected" in err
+    assert [cmd["type"] for cmd in c._outbox] == ["budget_continue"]
+
+    # The first connection drops while sending: the answer must stay queued.
+    with pytest.raises(ConnectionResetError):
+        await c._send_loop(FakeWs(fail=1))
+    assert [cmd["type"] for cmd in c._outbox] == ["budget_continue"]
+
+    ws = FakeWs()
+    sender = asyncio.create_task(c._send_loop(ws))
+    await eventually(lambda: ws.sent, 2, "the queued answer sent")
+    await cancel_and_wait(sender)
+    assert ws.sent == [{"type": "budget_continue", "request_id": RID, "command_id": "tail-1"}]
+    assert not c._outbox
+
+
+def test_answers_beyond_the_bound_are_refused_out_loud(capsys: pytest.CaptureFixture[str]) -> None:
+    c = Console("ws://unused", request_ids=[], interactive=True, out=io.StringIO())
+    rids = [str(uuid.uuid4()) for _ in range(OUTBOX_MAX + 1)]
+    for rid in rids:
+        c.on_message(json.dumps(frame("budget_warning", rid=rid, tokens_used=8, budget_total=10)))
+    for _ in rids:
+        c.answer("n\n")
+    assert len(c._outbox) == OUTBOX_MAX
+    assert c.prompts == [rids[-1]], "the refused answer's question is still open"
+    err = capsys.readouterr().err
+    assert f"budget_stop for {rids[-1][:8]} NOT sent: not connected" in err
+
+
+# ---------------------------------------------------------------- hostile text
+
+
+def test_escape_sequences_in_frames_never_reach_the_terminal() -> None:
+    hostile = "Research\x1b]0;owned\x07\x1b[2J\x1b]52;c;cm0gLXJmIH4=\x07\x9b31m\r"
+    c, out = console()
+    c.on_message(json.dumps(spawned(ROOT, None, task=hostile)))
+    c.on_message(
+        json.dumps(frame("agent_failed", agent_id=ROOT, error="\x1bc\x1b[1A", will_retry=False))
+    )
+    c.on_message(json.dumps({"type": "error", "code": "x\x1b[5n", "message": "\x90q\x9c"}))
+    text = out.getvalue()
+    assert "Research [00000000]" in text
+    assert not any(ch in text for ch in "\x1b\x07\r\x9b\x90\x9c"), repr(text)
+
+
+def test_raw_json_mode_strips_c1_controls_json_carries_unescaped() -> None:
+    c, out = console(raw_json=True)
+    c.on_message('{"type":"synthesis_started","request_id":"%s","x":"a\u009b2Jb"}' % RID)
+    assert out.getvalue() == '{"type":"synthesis_started","request_id":"%s","x":"ab"}\n' % RID
