@@ -80,7 +80,7 @@ class Worker:
         try:
             await self._expect("ready", 15)
         except BaseException:
-            await self.__aexit__()  # not called when __aenter__ fails
+            await self.__aexit__(*sys.exc_info())  # not called when __aenter__ fails
             raise
         return self
 
@@ -90,13 +90,19 @@ class Worker:
             return
         assert proc.stdin is not None
         proc.stdin.close()
+        hung = False
         try:
             await asyncio.wait_for(proc.wait(), 10)
         except TimeoutError:
+            hung = True
             proc.kill()
             await proc.wait()
         if self._reader is not None:
             await self._reader
+        if exc[0] is None:
+            # A registry that cannot shut down, or a worker that crashed, is a failure too.
+            assert not hung, f"worker did not exit on end of input:\n{self.output()}"
+            assert proc.returncode == 0, f"worker exited {proc.returncode}:\n{self.output()}"
 
     async def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
