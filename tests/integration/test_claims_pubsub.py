@@ -259,3 +259,29 @@ async def test_the_tenant_wide_channel_is_subscribed_only_while_a_client_wants_e
         )
         assert numsub(redis_server, firehose) == 0
         assert numsub(redis_server, keys.request_channel(a)) == 1
+
+
+async def test_viewers_leaving_together_neither_stall_the_next_client_nor_leak_a_channel(
+    redis_server: RedisServer, start_gateway: StartGateway
+) -> None:
+    """The last narrowed viewer of a request and the last firehose viewer leave
+    at the same moment, again and again: each time the next client that wants
+    every event is served at once (not after ``redis.socket_timeout``), and
+    once everyone has left the gateway holds no channel at all."""
+    gw = start_gateway()
+    keys = Keys("default")
+    rids: list[str] = []
+    for _ in range(8):
+        rid = str(uuid.uuid4())
+        rids.append(rid)
+        narrow, fire = WsClient(f"{gw.ws_url}?request_id={rid}"), WsClient(gw.ws_url)
+        async with narrow, fire:
+            for client in (narrow, fire):
+                await client.request({"type": "ping"}, "pong")
+        # Both sockets are closed; the gateway releases their interest concurrently.
+        async with WsClient(gw.ws_url) as nxt:
+            # Served (pong) within the bound, well below the 5 s socket timeout.
+            await nxt.request({"type": "ping"}, "pong", timeout=2.0)
+    await eventually(lambda: numsub(redis_server, keys.firehose_channel) == 0, 5, "firehose gone")
+    leaked = [r for r in rids if numsub(redis_server, keys.request_channel(r))]
+    assert not leaked, f"request channels still subscribed with no viewer: {leaked}"
