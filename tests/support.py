@@ -321,3 +321,34 @@ async def ws_clients(urls: Sequence[str]) -> AsyncIterator[list[WsClient]]:
         for client in clients:
             await stack.enter_async_context(client)
         yield clients
+
+
+# ------------------------------------------------------------------ claims helpers
+# Used by tests/integration/test_claims_*.py: black-box readings of a running
+# gateway and of Redis, so those tests do not depend on the gateway's internals.
+
+
+def seqs(frames: list[dict[str, Any]], rid: str) -> list[int]:
+    """The seqs of ``rid``'s event frames, in the order they arrived."""
+    return [f["seq"] for f in frames if f.get("request_id") == rid and "seq" in f and "ts" in f]
+
+
+def metric(gw: Gateway, name: str) -> float:
+    """The value of ``name`` on the gateway's ``/metrics`` (summed over its labels; 0 if absent)."""
+    status, raw = http_get(gw.http + "/metrics")
+    assert status == 200, status
+    total = 0.0
+    for line in raw.decode().splitlines():
+        if line.startswith("#"):
+            continue
+        sample, _, value = line.rpartition(" ")
+        if sample == name or sample.startswith(name + "{"):
+            total += float(value)
+    return total
+
+
+def numsub(redis: RedisServer, channel: str) -> int:
+    """``PUBSUB NUMSUB channel``: how many connections are subscribed to ``channel``."""
+    lines = redis.command("PUBSUB", "NUMSUB", channel).decode().split()
+    assert lines[0] == channel, lines
+    return int(lines[1])
