@@ -209,11 +209,16 @@ class Hub:
             # Take the watched requests back onto their own channels before
             # letting go of the tenant-wide one, so none of their events falls
             # between the two (duplicates in the overlap are dropped by seq).
-            channels = self._request_channels()
-            await self.link.subscribe(*channels)
-            for channel in channels:
+            rids = list(self._by_request)
+            await self.link.subscribe(*(self.keys.request_channel(r) for r in rids))
+            for rid in rids:
                 try:
-                    await self.link.wait_live(channel)
+                    # A request whose last viewer left meanwhile is not waited
+                    # for: its channel will never come live (it was dropped).
+                    await self.link.wait_live(
+                        self.keys.request_channel(rid),
+                        unless=lambda r=rid: r not in self._by_request,  # type: ignore[misc]
+                    )
                 except SubscribeTimeout:
                     break  # Redis is away: the next connection subscribes the right set
             if self._firehose:

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -137,8 +138,9 @@ class PubSubLink:
 
     async def unsubscribe(self, *channels: str) -> None:
         """Unsubscribe now if connected (a new connection never subscribes them)."""
-        for channel in channels:
-            self._live.discard(channel)
+        async with self._live_changed:
+            self._live.difference_update(channels)
+            self._live_changed.notify_all()
         if self._pubsub is not None and self._connected and channels:
             try:
                 await self._pubsub.unsubscribe(*channels)
@@ -146,15 +148,22 @@ class PubSubLink:
                 self.log.warning("unsubscribe failed: %s", exc)
                 self._wake.set()
 
-    async def wait_live(self, *channels: str, timeout: float | None = None) -> None:
-        """Return once any of ``channels`` is live; :class:`SubscribeTimeout` after ``timeout``."""
+    async def wait_live(
+        self,
+        *channels: str,
+        timeout: float | None = None,
+        unless: Callable[[], bool] | None = None,
+    ) -> None:
+        """Return once any of ``channels`` is live (or ``unless()`` is true: nobody
+        wants them any more); :class:`SubscribeTimeout` after ``timeout``."""
         limit = self.config.redis.socket_timeout if timeout is None else timeout
+
+        def done() -> bool:
+            return any(c in self._live for c in channels) or (unless is not None and unless())
+
         async with self._live_changed:
             try:
-                await asyncio.wait_for(
-                    self._live_changed.wait_for(lambda: any(c in self._live for c in channels)),
-                    limit,
-                )
+                await asyncio.wait_for(self._live_changed.wait_for(done), limit)
             except TimeoutError:
                 raise SubscribeTimeout(f"could not subscribe within {limit:g}s") from None
 
@@ -235,7 +244,9 @@ class PubSubLink:
                 elif kind == "subscribe":
                     await self._on_subscribed(channel)
                 elif kind == "unsubscribe":
-                    self._live.discard(channel)
+                    async with self._live_changed:
+                        self._live.discard(channel)
+                        self._live_changed.notify_all()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
