@@ -18,18 +18,156 @@
 --         published again and that entry's result is returned
 -- ARGV[10], ARGV[11], ...: pairs of (event type, event JSON object)
 --
--- Returns {epoch, ts, first_seq, last_seq}.
+-- Returns {epoch, ts, first_seq, last_seq}: epoch and ts (ms) are bulk
+-- strings, the seqs integers.
 --
 -- Each event JSON must be a compact object without seq/ts keys (and without
 -- request_id unless it is a field of the event, then equal to ARGV[1]); the
 -- frame is that object with ,"request_id":..,"seq":..,"ts":.. appended.
 -- The channel message is a one-line header then the frame:
 --   "<epoch> <seq> <request_id> <type> <ts>\n<frame>"
+--
+-- Input is checked before anything is written: a history entry is served to
+-- every client that ever resumes across it, so one malformed frame would
+-- break those clients for as long as the history lives. A call with any bad
+-- argument or event is refused as a whole with an error reply
+-- "ERR relay: ..." naming the problem (and the event, numbered from 1), and
+-- leaves no trace. The refusals are listed in docs/PROTOCOL.md.
+
+local function refuse(message)
+  return redis.error_reply('ERR relay: ' .. message)
+end
+
+-- Every event type of the contract (relay.events.EVENT_TYPES); the type is
+-- also a word of the channel header, so nothing else may pass.
+local KNOWN = {
+  agent_spawned = true, agent_text_delta = true, agent_completed = true,
+  agent_failed = true, agent_cancelled = true, budget_update = true,
+  budget_warning = true, budget_exhausted = true, depth_limit_reached = true,
+  cycle_detected = true, synthesis_started = true, memory_created = true,
+  provider_failover = true, workflow_run_started = true, workflow_step_started = true,
+  workflow_step_completed = true, workflow_step_failed = true,
+  workflow_run_completed = true, workflow_run_failed = true, workflow_run_paused = true,
+  budget_decision = true,
+}
+
+local STATEFUL = {
+  agent_spawned = true, agent_completed = true, agent_failed = true,
+  agent_cancelled = true, budget_update = true, budget_warning = true,
+  budget_exhausted = true, synthesis_started = true, budget_decision = true,
+  depth_limit_reached = true, cycle_detected = true,
+}
+
+-- Types whose events belong to one agent (relay.events.AGENT_SCOPED): the
+-- state update keys the agent by agent_id, which must therefore be a string.
+local AGENT_SCOPED = {
+  agent_spawned = true, agent_text_delta = true, agent_completed = true,
+  agent_failed = true, agent_cancelled = true, depth_limit_reached = true,
+  cycle_detected = true, memory_created = true,
+}
+
+local UUID = '^%x%x%x%x%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%-%x%x%x%x%x%x%x%x%x%x%x%x$'
+
+local function shown(value)
+  -- A value for an error message: JSON when it can be encoded, bounded.
+  local ok, text = pcall(cjson.encode, value)
+  if not ok then text = tostring(value) end
+  if #text > 80 then text = string.sub(text, 1, 77) .. '...' end
+  return text
+end
 
 local rid = ARGV[1]
+
+-- ------------------------------------------------------------ arguments
+
+if #KEYS ~= 4 then
+  return refuse('expected 4 keys (seq, epoch, history, state), got ' .. #KEYS)
+end
+if #ARGV < 11 or (#ARGV - 9) % 2 ~= 0 then
+  return refuse('expected 9 arguments then (type, event JSON) pairs, got '
+    .. #ARGV .. ' arguments')
+end
+if not string.find(rid, UUID) or string.find(rid, '%u') then
+  return refuse('request_id ' .. shown(rid) .. ' is not a lowercase hyphenated UUID')
+end
+-- Keys or a channel of another request would put this request's frames in
+-- a stream or channel that its viewers never read, or that others do.
+local tag = '{' .. rid .. '}'
+local names = {'KEYS[1]', 'KEYS[2]', 'KEYS[3]', 'KEYS[4]', 'ARGV[6]'}
+for n, value in ipairs({KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[6]}) do
+  if not string.find(value, tag, 1, true) then
+    return refuse(names[n] .. ' ' .. shown(value) .. ' is not a key of request ' .. rid)
+  end
+end
+if not string.find(ARGV[2], '^[%w_.-]+$') or #ARGV[2] > 64 then
+  return refuse('epoch candidate ' .. shown(ARGV[2])
+    .. ' must be 1-64 letters, digits, "_", "." or "-"')
+end
+for n = 3, 5 do
+  if not string.find(ARGV[n], '^[1-9]%d*$') then
+    return refuse('ARGV[' .. n .. '] ' .. shown(ARGV[n]) .. ' is not a positive integer')
+  end
+end
+if ARGV[8] == '' then
+  return refuse('publish id (ARGV[8]) is empty')
+end
+if not string.find(ARGV[9], '^%d+$') then
+  return refuse('retry window (ARGV[9]) ' .. shown(ARGV[9]) .. ' is not an integer >= 0')
+end
+
+-- ------------------------------------------------------------ events
+
+-- Every event is decoded once here and the decoded object reused for the
+-- state update, so validation costs one cjson.decode per event.
+local decoded = {}
+local n = 0
+for i = 10, #ARGV, 2 do
+  n = n + 1
+  local kind = ARGV[i]
+  local body = ARGV[i + 1]
+  local where = 'event ' .. n .. ': '
+  if not KNOWN[kind] then
+    return refuse(where .. 'unknown event type ' .. shown(kind))
+  end
+  local ok, ev = pcall(cjson.decode, body)
+  if not ok then
+    return refuse(where .. 'is not valid JSON')
+  end
+  -- cjson decodes arrays to tables too; a JSON text that starts with "[" is one.
+  if type(ev) ~= 'table' or string.find(body, '^%s*%[') then
+    return refuse(where .. 'is not a JSON object')
+  end
+  if string.byte(body, -1) ~= 125 then
+    return refuse(where .. 'must end with "}" (no trailing whitespace): '
+      .. 'the script appends request_id, seq and ts there')
+  end
+  if ev['type'] ~= kind then
+    return refuse(where .. 'type argument ' .. shown(kind)
+      .. ' does not match the event\'s "type" ' .. shown(ev['type']))
+  end
+  if ev['seq'] ~= nil or ev['ts'] ~= nil then
+    return refuse(where .. 'carries "' .. (ev['seq'] ~= nil and 'seq' or 'ts')
+      .. '": seq and ts are assigned by the script')
+  end
+  local own = ev['request_id']
+  if own ~= nil and own ~= rid then
+    return refuse(where .. 'request_id ' .. shown(own)
+      .. ' does not match the request "' .. rid .. '"')
+  end
+  if AGENT_SCOPED[kind] and type(ev['agent_id']) ~= 'string' then
+    return refuse(where .. kind .. ' needs agent_id as a string, got ' .. shown(ev['agent_id']))
+  end
+  decoded[n] = ev
+end
+
+-- ------------------------------------------------------------ writes
+
 local hist_max = ARGV[3]
 local hist_ttl = tonumber(ARGV[4])
 local state_ttl = tonumber(ARGV[5])
+
+local t = redis.call('TIME')
+local ts = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 
 local epoch = redis.call('GET', KEYS[2])
 if not epoch or redis.call('EXISTS', KEYS[1]) == 0 then
@@ -42,19 +180,10 @@ if not epoch or redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('SET', KEYS[2], epoch)
 end
 
-local t = redis.call('TIME')
-local ts = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-
-local STATEFUL = {
-  agent_spawned = true, agent_completed = true, agent_failed = true,
-  agent_cancelled = true, budget_update = true, budget_warning = true,
-  budget_exhausted = true, synthesis_started = true, budget_decision = true,
-  depth_limit_reached = true, cycle_detected = true,
-}
-
-local function update_state(seq, kind, body)
-  local ev = cjson.decode(body)
-  if ev['agent_id'] then
+-- The state update is chosen by the event type alone, so a stray field
+-- (an agent_id on a budget event) cannot update the wrong part of the state.
+local function update_state(seq, kind, ev)
+  if AGENT_SCOPED[kind] then
     local field = 'a:' .. ev['agent_id']
     local cur = redis.call('HGET', KEYS[4], field)
     local agent
@@ -100,22 +229,31 @@ local function update_state(seq, kind, body)
   elseif kind == 'synthesis_started' then
     redis.call('HSET', KEYS[4], 'synthesis_seq', seq)
   else
+    -- The budget summary is replaced as a whole by the latest budget event:
+    -- its fields are that event's (null where it has none, e.g. percentage
+    -- after a budget_warning), never a mix of events. warned and exhausted
+    -- are facts of the request's history and stay true once seen.
     local prev = redis.call('HGET', KEYS[4], 'budget')
-    local budget = prev and cjson.decode(prev) or {warned = false, exhausted = false}
-    budget['tokens_used'] = ev['tokens_used']
-    budget['budget_total'] = ev['budget_total']
-    if ev['percentage'] then budget['percentage'] = ev['percentage'] end
-    if kind == 'budget_warning' then budget['warned'] = true end
-    if kind == 'budget_exhausted' then
-      budget['exhausted'] = true
-      budget['completed_agents'] = ev['completed_agents']
-      budget['incomplete_agents'] = ev['incomplete_agents']
+    local was = prev and cjson.decode(prev) or {}
+    local function field(name)
+      local value = ev[name]
+      if value == nil then return cjson.null end
+      return value
     end
-    redis.call('HSET', KEYS[4], 'budget', cjson.encode(budget))
+    redis.call('HSET', KEYS[4], 'budget', cjson.encode({
+      tokens_used = field('tokens_used'),
+      budget_total = field('budget_total'),
+      percentage = field('percentage'),
+      completed_agents = field('completed_agents'),
+      incomplete_agents = field('incomplete_agents'),
+      warned = was['warned'] == true or kind == 'budget_warning',
+      exhausted = was['exhausted'] == true or kind == 'budget_exhausted',
+      seq = seq,
+    }))
   end
 end
 
-local count = (#ARGV - 9) / 2
+local count = n
 if ARGV[9] ~= '0' then
   -- A retry after an ambiguous failure (connection lost after sending): make
   -- the publish idempotent by looking for our id among the entries written
@@ -146,15 +284,19 @@ end
 
 local first_seq = nil
 local seq = 0
+n = 0
 for i = 10, #ARGV, 2 do
   local kind = ARGV[i]
   local body = ARGV[i + 1]
+  n = n + 1
+  local ev = decoded[n]
   seq = redis.call('INCR', KEYS[1])
   if not first_seq then first_seq = seq end
-  -- Budget and synthesis events carry request_id as a field of their own:
-  -- keep that one rather than writing the key twice.
+  -- Budget and synthesis events carry request_id as a field of their own
+  -- (checked above to be this request's): keep that one rather than writing
+  -- the key twice.
   local tail = ',"seq":' .. seq .. ',"ts":' .. ts .. '}'
-  if not string.find(body, '"request_id":"' .. rid .. '"', 1, true) then
+  if ev['request_id'] == nil then
     tail = ',"request_id":"' .. rid .. '"' .. tail
   end
   local frame = string.sub(body, 1, -2) .. tail
@@ -163,7 +305,7 @@ for i = 10, #ARGV, 2 do
   else
     redis.call('XADD', KEYS[3], 'MAXLEN', hist_max, seq .. '-0', 'f', frame)
   end
-  if STATEFUL[kind] then update_state(seq, kind, body) end
+  if STATEFUL[kind] then update_state(seq, kind, ev) end
   local msg = epoch .. ' ' .. seq .. ' ' .. rid .. ' ' .. kind .. ' ' .. ts .. '\n' .. frame
   redis.call('PUBLISH', ARGV[6], msg)
   redis.call('PUBLISH', ARGV[7], msg)
