@@ -61,7 +61,7 @@ def stateful_mix(rid: str) -> Callable[[int], Event]:
         match i % 8:
             case 0:
                 return {"type": "agent_spawned", "agent_id": agent, "parent_id": None,
-                        "task_description": "research", "depth": 0, "index": 0, "total": 1}  # fmt: skip
+                        "task_description": "t", "depth": 0, "index": 0, "total": 1}  # fmt: skip
             case 4:
                 return {"type": "budget_update", "request_id": rid, "tokens_used": i,
                         "budget_total": 10**6, "percentage": i / 10**4}  # fmt: skip
