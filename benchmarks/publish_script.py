@@ -12,12 +12,12 @@ through :class:`relay.client.RelayClient`:
 
 For each it prints events/s seen by the client and the server's own time per
 event (``INFO commandstats`` of EVALSHA divided by the events per call), which
-isolates the script from Python and network noise. ``--script FILE`` runs the
-same measurements with another version of ``publish.lua`` (for example the one
-on main: ``git show main:relay/lua/publish.lua > /tmp/old.lua``), so two
-versions can be compared on the same machine in one sitting.
+isolates the script from Python and network noise. ``--compare FILE`` measures
+another version of ``publish.lua`` alongside (for example an older one:
+``git show <commit>:relay/lua/publish.lua > old.lua``), phase by phase in
+alternating order, so that both see the same machine load.
 
-Run: ``python benchmarks/publish_script.py [--events 20000] [--batch 100] [--script FILE]``.
+Run: ``python benchmarks/publish_script.py [--events 10000] [--rounds 3] [--compare FILE]``.
 Prints numbers; asserts nothing.
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import statistics
 import sys
 import tempfile
 import time
@@ -78,13 +79,20 @@ async def server_usec(redis: Redis) -> tuple[int, float]:
     return int(entry["calls"]), float(entry["usec"])
 
 
+PHASES = [
+    (kind, name) for kind in ("deltas", "mixed") for name in ("unbatched", "concurrent", "batched")
+]
+
+
 async def run_phase(
     client: RelayClient, name: str, events: int, batch: int, concurrency: int, kind: str
-) -> None:
+) -> tuple[float, float]:
+    """One phase; returns (events/s seen by the client, server us per event)."""
     rid = str(uuid.uuid4())
     make = text_deltas(str(uuid.uuid4())) if kind == "deltas" else stateful_mix(rid)
     per_call = batch if name == "batched" else 1
     calls = events // per_call
+    await client.publish(rid, make(0))  # loads the script: NOSCRIPT stays out of the stats
     await client.redis.config_resetstat()
     started = time.perf_counter()
     if name == "concurrent":
@@ -105,37 +113,53 @@ async def run_phase(
                 await client.publish_many(rid, [make(c * per_call + j) for j in range(per_call)])
     elapsed = time.perf_counter() - started
     n_calls, usec = await server_usec(client.redis)
-    sent = calls * per_call
-    print(
-        f"{kind:7} {name:10} {sent / elapsed:10,.0f} events/s   "
-        f"server {usec / max(1, n_calls * per_call):6.2f} us/event   "
-        f"({n_calls} calls of {per_call})"
-    )
+    return calls * per_call / elapsed, usec / max(1, n_calls * per_call)
 
 
-def override_script(client: RelayClient, path: Path) -> None:
-    """Make ``client`` publish with the script in ``path`` instead of the package's."""
+def script_from(path: Path) -> LuaScript:
+    """The publish script with the source in ``path`` instead of the package's."""
     replacement = LuaScript("publish")
     replacement.source = path.read_text("utf-8")
     replacement.sha = hashlib.sha1(replacement.source.encode()).hexdigest()
-    client._script = replacement
+    return replacement
 
 
 async def main(args: argparse.Namespace) -> None:
+    versions: dict[str, LuaScript] = {"package": LuaScript("publish")}
+    if args.compare:
+        versions = {"compare": script_from(Path(args.compare)), **versions}
+    results: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
         try:
             async with RelayClient.from_url(server.url) as client:
-                if args.script:
-                    override_script(client, Path(args.script))
-                print(f"script: {args.script or 'relay/lua/publish.lua'}")
-                for kind in ("deltas", "mixed"):
-                    for name in ("unbatched", "concurrent", "batched"):
-                        await run_phase(
-                            client, name, args.events, args.batch, args.concurrency, kind
-                        )
+                # Rounds interleave the versions phase by phase, so drift in
+                # machine load hits both alike; medians are reported.
+                for round_ in range(args.rounds):
+                    for kind, name in PHASES:
+                        order = list(versions.items())
+                        if round_ % 2:
+                            order.reverse()
+                        for label, lua in order:
+                            client._script = lua
+                            results.setdefault((label, kind, name), []).append(
+                                await run_phase(
+                                    client, name, args.events, args.batch, args.concurrency, kind
+                                )
+                            )
         finally:
             server.stop()
+    if args.compare:
+        print(f"compare: {args.compare}")
+    print(f"package: relay/lua/publish.lua   ({args.rounds} rounds, medians)")
+    for kind, name in PHASES:
+        for label in versions:
+            runs = results[(label, kind, name)]
+            rate = statistics.median(r for r, _ in runs)
+            usec = statistics.median(u for _, u in runs)
+            print(
+                f"{label:8} {kind:7} {name:10} {rate:10,.0f} events/s   server {usec:6.2f} us/event"
+            )
 
 
 if __name__ == "__main__":
@@ -143,5 +167,6 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=20_000, help="events per phase")
     parser.add_argument("--batch", type=int, default=100, help="events per publish_many call")
     parser.add_argument("--concurrency", type=int, default=16, help="calls in flight")
-    parser.add_argument("--script", help="publish.lua to measure instead of the package's")
+    parser.add_argument("--compare", help="another publish.lua to measure alongside the package's")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per version (medians)")
     asyncio.run(main(parser.parse_args()))

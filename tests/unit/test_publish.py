@@ -259,6 +259,15 @@ EVENT_REFUSALS = [
                  r'event\'s "type" null$', id="type-missing"),
     pytest.param(["agent_dance", '{"type":"agent_dance","agent_id":"%s"}' % ROOT],
                  r'^relay: event 2: unknown event type "agent_dance"$', id="unknown-type"),
+    # Two known words: the type is one word of the channel header, never more.
+    pytest.param(["agent_spawned agent_text_delta",
+                  '{"type":"agent_spawned agent_text_delta","agent_id":"%s"}' % ROOT],
+                 r'^relay: event 2: unknown event type "agent_spawned agent_text_delta"$',
+                 id="two-types"),
+    pytest.param(["agent_spawned|agent_text_delta",
+                  '{"type":"agent_spawned|agent_text_delta","agent_id":"%s"}' % ROOT],
+                 r'^relay: event 2: unknown event type "agent_spawned|agent_text_delta"$',
+                 id="two-types-bar"),
     pytest.param(["agent_text_delta", DELTA + "\n"],
                  r'^relay: event 2: must end with "}"', id="trailing-newline"),
     pytest.param(["agent_spawned", '{"type":"agent_spawned","agent_id":null,"parent_id":null}'],
@@ -290,8 +299,13 @@ ARGUMENT_REFUSALS = [
                  r"^relay: request_id .* is not a lowercase hyphenated UUID$",
                  id="uppercase-request-id"),
     pytest.param({"arg1": "r1"}, r'^relay: request_id "r1" is not a lowercase', id="not-uuid"),
+    pytest.param({"arg1": RID.replace("-", "x")}, r"^relay: request_id .* is not a lowercase",
+                 id="no-hyphens"),
+    pytest.param({"arg1": RID[:7] + "-" + RID[7] + RID[9:]},
+                 r"^relay: request_id .* is not a lowercase", id="misplaced-hyphen"),
     pytest.param({"arg6": Keys().request(OTHER).channel},
-                 r"^relay: ARGV\[6\] .* is not a key of request %s$" % RID, id="foreign-channel"),
+                 r"^relay: ARGV\[6\] .* is not the channel of request %s$" % RID,
+                 id="foreign-channel"),
     pytest.param({"arg2": "two words"}, r'^relay: epoch candidate "two words" must be 1-64',
                  id="epoch-with-space"),
     pytest.param({"arg2": ""}, r"^relay: epoch candidate", id="empty-epoch"),
@@ -318,13 +332,37 @@ async def test_bad_arguments_are_refused_before_any_write(
     assert await fake_redis.keys("*") == []
 
 
-async def test_keys_of_another_request_are_refused(fake_redis: FakeRedis) -> None:
-    _, args = script_args()
-    keys = Keys().request(OTHER).script_keys
-    with pytest.raises(ResponseError, match=r"^relay: KEYS\[1\] .* is not a key of request"):
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+async def test_keys_of_another_request_are_refused(fake_redis: FakeRedis, index: int) -> None:
+    keys, args = script_args()
+    keys[index] = Keys().request(OTHER).script_keys[index]
+    name = ["seq", "epoch", "history", "state"][index]
+    with pytest.raises(
+        ResponseError,
+        match=r"^relay: KEYS\[%d\] .* is not the %s key of request %s$" % (index + 1, name, RID),
+    ):
         await script("publish")(fake_redis, keys, [*args, "agent_text_delta", DELTA])
+    assert await fake_redis.keys("*") == []
+
+
+async def test_keys_of_another_tenant_are_refused(fake_redis: FakeRedis) -> None:
+    keys, args = script_args()
+    keys[3] = Keys("acme").request(RID).state
+    with pytest.raises(ResponseError, match=r"^relay: KEYS\[4\] .* is not the state key"):
+        await script("publish")(fake_redis, keys, [*args, "agent_text_delta", DELTA])
+    assert await fake_redis.keys("*") == []
+
+
+async def test_keys_in_the_wrong_order_are_refused(fake_redis: FakeRedis) -> None:
+    (seq, epoch, history, state), args = script_args()
+    with pytest.raises(ResponseError, match=r"^relay: KEYS\[3\] .* is not the history key"):
+        await script("publish")(
+            fake_redis, [seq, epoch, state, history], [*args, "agent_text_delta", DELTA]
+        )
     with pytest.raises(ResponseError, match=r"^relay: expected 4 keys .* got 3$"):
-        await script("publish")(fake_redis, keys[:3], [*args, "agent_text_delta", DELTA])
+        await script("publish")(
+            fake_redis, [seq, epoch, history], [*args, "agent_text_delta", DELTA]
+        )
     assert await fake_redis.keys("*") == []
 
 
