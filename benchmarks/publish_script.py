@@ -8,7 +8,10 @@ through :class:`relay.client.RelayClient`:
 * ``unbatched``: one ``publish`` per event, one at a time (round-trip bound);
 * ``concurrent``: one ``publish`` per event, ``--concurrency`` calls in flight
   (Redis-bound: this is where the script's own cost shows);
-* ``batched``: ``publish_many`` with ``--batch`` events per call.
+* ``batched``: ``publish_many`` with ``--batch`` events per call;
+* ``pipelined``: one event per script call, 500 calls per round trip, events
+  validated and encoded beforehand (not the SDK's publish path: Redis-bound,
+  the least noisy view of the script's own cost).
 
 For each it prints events/s seen by the client and the server's own time per
 event (``INFO commandstats`` of EVALSHA divided by the events per call), which
@@ -39,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from redis.asyncio import Redis
 
-from relay.client import RelayClient
+from relay.client import RelayClient, encode_event
 from relay.scripts import LuaScript
 from tests.support import RedisServer
 
@@ -80,8 +83,29 @@ async def server_usec(redis: Redis) -> tuple[int, float]:
 
 
 PHASES = [
-    (kind, name) for kind in ("deltas", "mixed") for name in ("unbatched", "concurrent", "batched")
+    (kind, name)
+    for kind in ("deltas", "mixed")
+    for name in ("unbatched", "concurrent", "batched", "pipelined")
 ]
+PIPELINE = 500
+"""Script calls per round trip in the ``pipelined`` phase."""
+
+
+async def pipelined(
+    client: RelayClient, rid: str, make: Callable[[int], Event], calls: int
+) -> None:
+    """One event per EVALSHA, ``PIPELINE`` calls per round trip, events encoded beforehand:
+    Redis does nearly all the work, so this shows the script's own cost best."""
+    rk = client.keys.request(rid)
+    encoded = [encode_event(rid, make(i)) for i in range(calls)]
+    for start in range(0, calls, PIPELINE):
+        pipe = client.redis.pipeline(transaction=False)
+        for i in range(start, min(calls, start + PIPELINE)):
+            args = [rid, "bench", client.history.max_events, client.history.ttl_seconds,
+                    client.history.state_ttl_seconds, rk.channel, client.keys.firehose_channel,
+                    uuid.uuid4().hex, "0", *encoded[i]]  # fmt: skip
+            client._script.queue(pipe, rk.script_keys, args)
+        await pipe.execute()
 
 
 async def run_phase(
@@ -95,7 +119,9 @@ async def run_phase(
     await client.publish(rid, make(0))  # loads the script: NOSCRIPT stays out of the stats
     await client.redis.config_resetstat()
     started = time.perf_counter()
-    if name == "concurrent":
+    if name == "pipelined":
+        await pipelined(client, rid, make, calls)
+    elif name == "concurrent":
         queue = iter(range(calls))
 
         async def worker() -> None:
