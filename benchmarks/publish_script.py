@@ -92,12 +92,11 @@ PIPELINE = 500
 
 
 async def pipelined(
-    client: RelayClient, rid: str, make: Callable[[int], Event], calls: int
+    client: RelayClient, rid: str, encoded: list[tuple[str, str]], calls: int
 ) -> None:
     """One event per EVALSHA, ``PIPELINE`` calls per round trip, events encoded beforehand:
     Redis does nearly all the work, so this shows the script's own cost best."""
     rk = client.keys.request(rid)
-    encoded = [encode_event(rid, make(i)) for i in range(calls)]
     for start in range(0, calls, PIPELINE):
         pipe = client.redis.pipeline(transaction=False)
         for i in range(start, min(calls, start + PIPELINE)):
@@ -117,10 +116,11 @@ async def run_phase(
     per_call = batch if name == "batched" else 1
     calls = events // per_call
     await client.publish(rid, make(0))  # loads the script: NOSCRIPT stays out of the stats
+    encoded = [encode_event(rid, make(i)) for i in range(calls)] if name == "pipelined" else []
     await client.redis.config_resetstat()
     started = time.perf_counter()
     if name == "pipelined":
-        await pipelined(client, rid, make, calls)
+        await pipelined(client, rid, encoded, calls)
     elif name == "concurrent":
         queue = iter(range(calls))
 
@@ -163,6 +163,8 @@ async def main(args: argparse.Namespace) -> None:
                 # machine load hits both alike; medians are reported.
                 for round_ in range(args.rounds):
                     for kind, name in PHASES:
+                        if args.phases and name not in args.phases:
+                            continue
                         order = list(versions.items())
                         if round_ % 2:
                             order.reverse()
@@ -179,6 +181,8 @@ async def main(args: argparse.Namespace) -> None:
         print(f"compare: {args.compare}")
     print(f"package: relay/lua/publish.lua   ({args.rounds} rounds, medians)")
     for kind, name in PHASES:
+        if args.phases and name not in args.phases:
+            continue
         for label in versions:
             runs = results[(label, kind, name)]
             rate = statistics.median(r for r, _ in runs)
@@ -194,5 +198,8 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=100, help="events per publish_many call")
     parser.add_argument("--concurrency", type=int, default=16, help="calls in flight")
     parser.add_argument("--compare", help="another publish.lua to measure alongside the package's")
+    parser.add_argument(
+        "--phases", nargs="*", choices=sorted({n for _, n in PHASES}), help="default: all"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds per version (medians)")
     asyncio.run(main(parser.parse_args()))
