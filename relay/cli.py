@@ -174,9 +174,49 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .schema import frame_schemas
+    from .schema import schema_text
 
-    print(json.dumps(frame_schemas(), indent=2))
+    text = schema_text()
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        raise CliError(f"--out {args.out}: cannot write: {exc.strerror}", EXIT_USAGE) from None
+    print(args.out)
+    return 0
+
+
+def cmd_scripts(args: argparse.Namespace) -> int:
+    """List the Lua scripts (name and SHA1 for EVALSHA), print one, or write them all."""
+    from pathlib import Path
+
+    from .scripts import script, script_names
+
+    names = script_names()
+    if args.name is not None:
+        name = args.name.removesuffix(".lua")
+        if name not in names:
+            raise CliError(
+                f"no script {args.name!r}; the scripts are: {', '.join(names)}", EXIT_USAGE
+            )
+        sys.stdout.write(script(name).source)
+        return 0
+    if args.out is None:
+        for name in names:
+            print(f"{name}.lua\t{script(name).sha}")
+        return 0
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (out / f"{name}.lua").write_text(script(name).source, encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"--out {args.out}: cannot write: {exc.strerror}", EXIT_USAGE) from None
+    for name in names:
+        print(out / f"{name}.lua")
     return 0
 
 
@@ -340,7 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-input", action="store_true", help="never prompt at a budget pause")
     p.add_argument("--exit-after", type=float, help="stop after this many seconds")
 
-    add("schema", cmd_schema, "print the JSON Schema of every frame")
+    p = add("schema", cmd_schema, "print the JSON Schema of every frame")
+    p.add_argument("--out", help="write it to this file instead (as docs/schema/events.json)")
+
+    p = add("scripts", cmd_scripts, "list, print or write the Lua scripts other languages load")
+    p.add_argument("name", nargs="?", help="print this script's source (e.g. publish)")
+    p.add_argument("--out", metavar="DIR", help="write every script to DIR as <name>.lua")
 
     p = add("cancel", cmd_cancel, "cancel an agent (and descendants) or a whole request")
     p.add_argument(

@@ -39,7 +39,8 @@ ACTIVE_TRIM_EVERY = 256
 
 
 class PublishError(Exception):
-    """Publishing failed for good (Redis unreachable past the retry bound)."""
+    """Publishing failed for good: Redis unreachable past the retry bound, or the call
+    refused (the message then includes the publish script's ``relay: ...`` refusal)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +192,11 @@ class RelayClient:
             try:
                 return await self._run(rid, rk.script_keys, args)
             except ResponseError as exc:
-                # The server refused the script (out of memory, a read-only
-                # replica, a wrong key type): retrying will not help.
+                # The script refused the call ("relay: event N: ...", nothing
+                # written; events are validated here first, so this means a
+                # bug or a script newer than this client) or the server did
+                # (out of memory, a read-only replica, a wrong key type): the
+                # message is kept whole, and retrying will not help.
                 raise PublishError(f"publish to request {rid} refused by Redis: {exc}") from exc
             except RETRYABLE as exc:
                 attempt += 1

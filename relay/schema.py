@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -87,3 +88,8 @@ def frame_schemas() -> dict[str, Any]:
         "command": TypeAdapter(Command).json_schema(),
         "server_frames": {n: _server_frame_schema(n, s) for n, s in SERVER_FRAMES.items()},
     }
+
+
+def schema_text() -> str:
+    """:func:`frame_schemas` as ``relay schema`` prints it (docs/schema/events.json)."""
+    return json.dumps(frame_schemas(), indent=2) + "\n"

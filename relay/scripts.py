@@ -57,6 +57,12 @@ def as_text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def script_names() -> list[str]:
+    """Names of every script shipped in ``relay/lua`` (without ``.lua``), sorted."""
+    folder = resources.files("relay").joinpath("lua")
+    return sorted(f.name.removesuffix(".lua") for f in folder.iterdir() if f.name.endswith(".lua"))
+
+
 @cache
 def script(name: str) -> LuaScript:
     """The process-wide instance of script ``name`` (read from disk on first use)."""

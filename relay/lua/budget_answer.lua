@@ -12,6 +12,16 @@
 -- the one named: such an answer is refused and can never reach a later pause.
 -- The decision is recorded in the hash, not only pushed, so every waiter of
 -- the pause (several agents, several hosts) reads the same answer.
+--
+-- Refused with "ERR relay: ..." (nothing written) when the decision is not
+-- "continue" or "stop" or the ttl is not a positive integer.
+if ARGV[1] ~= 'continue' and ARGV[1] ~= 'stop' then
+  return redis.error_reply('ERR relay: decision "' .. string.sub(ARGV[1], 1, 40)
+    .. '" is not "continue" or "stop"')
+end
+if not string.find(ARGV[2], '^[1-9]%d*$') then
+  return redis.error_reply('ERR relay: ttl (ARGV[2]) is not a positive integer')
+end
 local cur = redis.call('GET', KEYS[1])
 if not cur then return false end
 local pause = cjson.decode(cur)

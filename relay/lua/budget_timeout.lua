@@ -12,6 +12,20 @@
 -- it with the default, records that for the other waiters, and returns
 -- {"timeout", default}. A pause that vanished without a decision (its marker
 -- expired) also yields {"timeout", default}.
+--
+-- Refused with "ERR relay: ..." (nothing written) when the default is not
+-- "continue" or "stop", the pause_id is empty or the ttl is not a positive
+-- integer.
+if ARGV[2] ~= 'continue' and ARGV[2] ~= 'stop' then
+  return redis.error_reply('ERR relay: default decision "' .. string.sub(ARGV[2], 1, 40)
+    .. '" is not "continue" or "stop"')
+end
+if ARGV[1] == '' then
+  return redis.error_reply('ERR relay: pause_id (ARGV[1]) is empty')
+end
+if not string.find(ARGV[3], '^[1-9]%d*$') then
+  return redis.error_reply('ERR relay: ttl (ARGV[3]) is not a positive integer')
+end
 local done = redis.call('HGET', KEYS[3], ARGV[1])
 if done then
   local by, decision = string.match(done, '^(%a+):(%a+)$')

@@ -18,18 +18,178 @@
 --         published again and that entry's result is returned
 -- ARGV[10], ARGV[11], ...: pairs of (event type, event JSON object)
 --
--- Returns {epoch, ts, first_seq, last_seq}.
+-- Returns {epoch, ts, first_seq, last_seq}: epoch and ts (ms) are bulk
+-- strings, the seqs integers.
 --
 -- Each event JSON must be a compact object without seq/ts keys (and without
 -- request_id unless it is a field of the event, then equal to ARGV[1]); the
 -- frame is that object with ,"request_id":..,"seq":..,"ts":.. appended.
 -- The channel message is a one-line header then the frame:
 --   "<epoch> <seq> <request_id> <type> <ts>\n<frame>"
+--
+-- Input is checked before anything is written: a history entry is served to
+-- every client that ever resumes across it, so one malformed frame would
+-- break those clients for as long as the history lives. A call with any bad
+-- argument or event is refused as a whole with an error reply
+-- "ERR relay: ..." naming the problem (and the event, numbered from 1), and
+-- leaves no trace. The refusals are listed in docs/PROTOCOL.md.
+
+-- Library functions as locals: a global lookup in a Redis script goes
+-- through the protected global table, and the checks below are on the hot
+-- path (see benchmarks/publish_script.py).
+local find, byte, sub = string.find, string.byte, string.sub
+local decode, pcall, type = cjson.decode, pcall, type
+
+local function refuse(message)
+  return redis.error_reply('ERR relay: ' .. message)
+end
+
+local function shown(value)
+  -- A value for an error message: JSON when it can be encoded, bounded.
+  local ok, text = pcall(cjson.encode, value)
+  if not ok then text = tostring(value) end
+  if #text > 80 then text = sub(text, 1, 77) .. '...' end
+  return text
+end
+
+-- Sets of event types as words between "|": a plain find in a constant
+-- string costs less per call than building a table each time (a script
+-- keeps no state between calls). A type is looked up as "|<type>|" and may
+-- not contain "|", so only whole words match.
+--
+-- Every event type of the contract (relay.events.EVENT_TYPES); the type is
+-- also a word of the channel header, so nothing else may pass.
+local KNOWN = [[
+|agent_spawned|agent_text_delta|agent_completed|agent_failed|agent_cancelled|
+|budget_update|budget_warning|budget_exhausted|depth_limit_reached|cycle_detected|
+|synthesis_started|memory_created|provider_failover|workflow_run_started|
+|workflow_step_started|workflow_step_completed|workflow_step_failed|
+|workflow_run_completed|workflow_run_failed|workflow_run_paused|budget_decision|
+]]
+-- Types that update the snapshot state.
+local STATEFUL = [[
+|agent_spawned|agent_completed|agent_failed|agent_cancelled|depth_limit_reached|
+|cycle_detected|budget_update|budget_warning|budget_exhausted|synthesis_started|
+|budget_decision|
+]]
+-- Types whose events belong to one agent (relay.events.AGENT_SCOPED): the
+-- state update keys the agent by agent_id, which must therefore be a string.
+local AGENT_SCOPED = [[
+|agent_spawned|agent_text_delta|agent_completed|agent_failed|agent_cancelled|
+|depth_limit_reached|cycle_detected|memory_created|
+]]
+
+local function is(set, kind)
+  return find(set, '|' .. kind .. '|', 1, true) ~= nil
+end
+
+-- A lowercase hyphenated UUID (8-4-4-4-12), one literal: built at run time
+-- it would cost a concatenation per call.
+local UUID =
+  '^[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f]%-[0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]$'
 
 local rid = ARGV[1]
+
+-- ------------------------------------------------------------ arguments
+
+if #KEYS ~= 4 then
+  return refuse('expected 4 keys (seq, epoch, history, state), got ' .. #KEYS)
+end
+if #ARGV < 11 or (#ARGV - 9) % 2 ~= 0 then
+  return refuse('expected 9 arguments then (type, event JSON) pairs, got '
+    .. #ARGV .. ' arguments')
+end
+if not find(rid, UUID) then
+  return refuse('request_id ' .. shown(rid) .. ' is not a lowercase hyphenated UUID')
+end
+-- Keys or a channel of another request (or keys in the wrong order) would
+-- put this request's frames where its viewers never read, or others do.
+-- Every name is the seq key's with another last word (same tenant).
+local base = sub(KEYS[1], 1, -4)
+if sub(KEYS[1], -3) ~= 'seq' or not find(base, '{' .. rid .. '}:', -(#rid + 3), true) then
+  return refuse('KEYS[1] ' .. shown(KEYS[1]) .. ' is not the seq key of request ' .. rid)
+end
+if KEYS[2] ~= base .. 'epoch' then
+  return refuse('KEYS[2] ' .. shown(KEYS[2]) .. ' is not the epoch key of request ' .. rid)
+end
+if KEYS[3] ~= base .. 'history' then
+  return refuse('KEYS[3] ' .. shown(KEYS[3]) .. ' is not the history key of request ' .. rid)
+end
+if KEYS[4] ~= base .. 'state' then
+  return refuse('KEYS[4] ' .. shown(KEYS[4]) .. ' is not the state key of request ' .. rid)
+end
+if ARGV[6] ~= base .. 'events' then
+  return refuse('ARGV[6] ' .. shown(ARGV[6]) .. ' is not the channel of request ' .. rid)
+end
+if #ARGV[2] > 64 or not find(ARGV[2], '^[%w_.-]+$') then
+  return refuse('epoch candidate ' .. shown(ARGV[2])
+    .. ' must be 1-64 letters, digits, "_", "." or "-"')
+end
+for n = 3, 5 do
+  if not find(ARGV[n], '^[1-9]%d*$') then
+    return refuse('ARGV[' .. n .. '] ' .. shown(ARGV[n]) .. ' is not a positive integer')
+  end
+end
+if ARGV[8] == '' then
+  return refuse('publish id (ARGV[8]) is empty')
+end
+if not find(ARGV[9], '^%d+$') then
+  return refuse('retry window (ARGV[9]) ' .. shown(ARGV[9]) .. ' is not an integer >= 0')
+end
+
+-- ------------------------------------------------------------ events
+
+-- Every event is decoded once here and the decoded object reused for the
+-- state update, so validation costs one cjson.decode per event.
+local decoded = {}
+local n = 0
+for i = 10, #ARGV, 2 do
+  n = n + 1
+  local kind = ARGV[i]
+  local body = ARGV[i + 1]
+  if find(kind, '|', 1, true) or not is(KNOWN, kind) then
+    return refuse('event ' .. n .. ': unknown event type ' .. shown(kind))
+  end
+  local ok, ev = pcall(decode, body)
+  if not ok then
+    return refuse('event ' .. n .. ': is not valid JSON')
+  end
+  -- cjson decodes arrays to tables too; a JSON text that starts with "[" is one.
+  if type(ev) ~= 'table' or find(body, '^%s*%[') then
+    return refuse('event ' .. n .. ': is not a JSON object')
+  end
+  if byte(body, -1) ~= 125 then
+    return refuse('event ' .. n .. ': must end with "}" (no trailing whitespace): '
+      .. 'the script appends request_id, seq and ts there')
+  end
+  if ev['type'] ~= kind then
+    return refuse('event ' .. n .. ': type argument ' .. shown(kind)
+      .. ' does not match the event\'s "type" ' .. shown(ev['type']))
+  end
+  if ev['seq'] ~= nil or ev['ts'] ~= nil then
+    return refuse('event ' .. n .. ': carries "' .. (ev['seq'] ~= nil and 'seq' or 'ts')
+      .. '": seq and ts are assigned by the script')
+  end
+  local own = ev['request_id']
+  if own ~= nil and own ~= rid then
+    return refuse('event ' .. n .. ': request_id ' .. shown(own)
+      .. ' does not match the request "' .. rid .. '"')
+  end
+  if type(ev['agent_id']) ~= 'string' and is(AGENT_SCOPED, kind) then
+    return refuse('event ' .. n .. ': ' .. kind .. ' needs agent_id as a string, got '
+      .. shown(ev['agent_id']))
+  end
+  decoded[n] = ev
+end
+
+-- ------------------------------------------------------------ writes
+
 local hist_max = ARGV[3]
 local hist_ttl = tonumber(ARGV[4])
 local state_ttl = tonumber(ARGV[5])
+
+local t = redis.call('TIME')
+local ts = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 
 local epoch = redis.call('GET', KEYS[2])
 if not epoch or redis.call('EXISTS', KEYS[1]) == 0 then
@@ -42,19 +202,10 @@ if not epoch or redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('SET', KEYS[2], epoch)
 end
 
-local t = redis.call('TIME')
-local ts = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-
-local STATEFUL = {
-  agent_spawned = true, agent_completed = true, agent_failed = true,
-  agent_cancelled = true, budget_update = true, budget_warning = true,
-  budget_exhausted = true, synthesis_started = true, budget_decision = true,
-  depth_limit_reached = true, cycle_detected = true,
-}
-
-local function update_state(seq, kind, body)
-  local ev = cjson.decode(body)
-  if ev['agent_id'] then
+-- The state update is chosen by the event type alone, so a stray field
+-- (an agent_id on a budget event) cannot update the wrong part of the state.
+local function update_state(seq, kind, ev)
+  if is(AGENT_SCOPED, kind) then
     local field = 'a:' .. ev['agent_id']
     local cur = redis.call('HGET', KEYS[4], field)
     local agent
@@ -100,22 +251,31 @@ local function update_state(seq, kind, body)
   elseif kind == 'synthesis_started' then
     redis.call('HSET', KEYS[4], 'synthesis_seq', seq)
   else
+    -- The budget summary is replaced as a whole by the latest budget event:
+    -- its fields are that event's (null where it has none, e.g. percentage
+    -- after a budget_warning), never a mix of events. warned and exhausted
+    -- are facts of the request's history and stay true once seen.
     local prev = redis.call('HGET', KEYS[4], 'budget')
-    local budget = prev and cjson.decode(prev) or {warned = false, exhausted = false}
-    budget['tokens_used'] = ev['tokens_used']
-    budget['budget_total'] = ev['budget_total']
-    if ev['percentage'] then budget['percentage'] = ev['percentage'] end
-    if kind == 'budget_warning' then budget['warned'] = true end
-    if kind == 'budget_exhausted' then
-      budget['exhausted'] = true
-      budget['completed_agents'] = ev['completed_agents']
-      budget['incomplete_agents'] = ev['incomplete_agents']
+    local was = prev and cjson.decode(prev) or {}
+    local function field(name)
+      local value = ev[name]
+      if value == nil then return cjson.null end
+      return value
     end
-    redis.call('HSET', KEYS[4], 'budget', cjson.encode(budget))
+    redis.call('HSET', KEYS[4], 'budget', cjson.encode({
+      tokens_used = field('tokens_used'),
+      budget_total = field('budget_total'),
+      percentage = field('percentage'),
+      completed_agents = field('completed_agents'),
+      incomplete_agents = field('incomplete_agents'),
+      warned = was['warned'] == true or kind == 'budget_warning',
+      exhausted = was['exhausted'] == true or kind == 'budget_exhausted',
+      seq = seq,
+    }))
   end
 end
 
-local count = (#ARGV - 9) / 2
+local count = n
 if ARGV[9] ~= '0' then
   -- A retry after an ambiguous failure (connection lost after sending): make
   -- the publish idempotent by looking for our id among the entries written
@@ -146,24 +306,28 @@ end
 
 local first_seq = nil
 local seq = 0
+n = 0
 for i = 10, #ARGV, 2 do
   local kind = ARGV[i]
   local body = ARGV[i + 1]
+  n = n + 1
+  local ev = decoded[n]
   seq = redis.call('INCR', KEYS[1])
   if not first_seq then first_seq = seq end
-  -- Budget and synthesis events carry request_id as a field of their own:
-  -- keep that one rather than writing the key twice.
+  -- Budget and synthesis events carry request_id as a field of their own
+  -- (checked above to be this request's): keep that one rather than writing
+  -- the key twice.
   local tail = ',"seq":' .. seq .. ',"ts":' .. ts .. '}'
-  if not string.find(body, '"request_id":"' .. rid .. '"', 1, true) then
+  if ev['request_id'] == nil then
     tail = ',"request_id":"' .. rid .. '"' .. tail
   end
-  local frame = string.sub(body, 1, -2) .. tail
+  local frame = sub(body, 1, -2) .. tail
   if i + 1 == #ARGV then
     redis.call('XADD', KEYS[3], 'MAXLEN', hist_max, seq .. '-0', 'f', frame, 'p', ARGV[8])
   else
     redis.call('XADD', KEYS[3], 'MAXLEN', hist_max, seq .. '-0', 'f', frame)
   end
-  if STATEFUL[kind] then update_state(seq, kind, body) end
+  if is(STATEFUL, kind) then update_state(seq, kind, ev) end
   local msg = epoch .. ' ' .. seq .. ' ' .. rid .. ' ' .. kind .. ' ' .. ts .. '\n' .. frame
   redis.call('PUBLISH', ARGV[6], msg)
   redis.call('PUBLISH', ARGV[7], msg)
