@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -186,7 +187,9 @@ def check_stream(
     got = seqs(frames, rid)
     expected = list(range(first, last + 1))
     controls = [f for f in frames if not is_event(f, rid)]
-    bad_controls = [f for f in controls if f.get("type") in ("error", "resync_required", "lagged")]
+    # ``lagged`` is not on the list: it is followed by a refill from history, so
+    # the seqs show whether it cost anything.
+    bad_controls = [f for f in controls if f.get("type") in ("error", "resync_required")]
     if got == expected and not bad_controls:
         return []
     lines = [
@@ -208,12 +211,12 @@ def check_stream(
     extra = sorted({s for s in got if s < first or s > last})
     if extra:
         lines.append(f"  outside {first}..{last}: {ranges(extra)}")
-    inversions = [(a, b) for a, b in zip(got, got[1:], strict=False) if b < a]
+    inversions = [(a, b) for a, b in itertools.pairwise(got) if b < a]
     if inversions:
         lines.append(f"  out of order (first 5): {inversions[:5]}")
     for f in bad_controls:
         idx = frames.index(f)
-        before = [s for s in seqs(frames[:idx], rid)]
+        before = seqs(frames[:idx], rid)
         lines.append(
             f"  frame [{idx}] after seq {before[-1] if before else None}: {condensed(f, rid)}"
         )
@@ -306,8 +309,7 @@ async def test_resumed_clients_lose_nothing_under_stress(
                 await asyncio.gather(*(w.current.__aenter__() for w in moved))
                 await eventually(
                     lambda: all(
-                        w.current.of_type("subscribed") or w.current.of_type("error")
-                        for w in moved
+                        w.current.of_type("subscribed") or w.current.of_type("error") for w in moved
                     ),
                     15,
                     "a reply to every resume",
@@ -315,6 +317,7 @@ async def test_resumed_clients_lose_nothing_under_stress(
                 timeline.mark("pubsub kill")
                 await asyncio.to_thread(aof_redis.command, "CLIENT", "KILL", "TYPE", "pubsub")
                 await asyncio.wait_for(publisher, 60)
+                timeline.mark("last publish")
             finally:
                 if not publisher.done():
                     publisher.cancel()
@@ -333,9 +336,7 @@ async def test_resumed_clients_lose_nothing_under_stress(
             problems: list[str] = []
             for w in watchers:
                 if w.after is None:
-                    problems += check_stream(
-                        w.name, w.before.frames, rid, 1, TOTAL, pub, timeline
-                    )
+                    problems += check_stream(w.name, w.before.frames, rid, 1, TOTAL, pub, timeline)
                     continue
                 assert w.after_seq is not None
                 problems += check_stream(
