@@ -240,51 +240,95 @@ class Workers:
 # ---------------------------------------------------------------- measurements
 
 
+async def http_request(
+    port: int, method: str, path: str, body: bytes = b"", timeout: float = 2.0
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a fresh loopback connection: (status, body).
+
+    Raw asyncio rather than urllib in threads, so hundreds can be in flight
+    without a thread each; raises TimeoutError after ``timeout``.
+    """
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(head + body)
+            await writer.drain()
+            raw = b""
+            for _ in range(1024):  # a reply of at most 1024 reads
+                chunk = await reader.read(1 << 16)
+                if not chunk:
+                    break
+                raw += chunk
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    if not raw.startswith(b"HTTP/"):
+        return 0, raw
+    return int(raw.split(b" ", 2)[1]), raw.partition(b"\r\n\r\n")[2]
+
+
 @dataclass
 class Samples:
-    """What the monitors saw while the load ran."""
+    """What the monitors saw while the load ran; times are ``time.monotonic()``."""
 
-    ping_rtt: list[float] = field(default_factory=list)
-    ping_timeouts: int = 0
-    new_client: list[float] = field(default_factory=list)
-    new_client_failures: Counter[str] = field(default_factory=Counter)
-    readyz: Counter[str] = field(default_factory=Counter)
+    pings: list[tuple[float, float | None]] = field(default_factory=list)
+    """(sent at, round trip or None when unanswered within REQUEST_TIMEOUT)."""
+    new_clients: list[tuple[float, float | None, str]] = field(default_factory=list)
+    """(started at, connect + first pong or None, outcome)."""
+    readyz: list[tuple[float, str]] = field(default_factory=list)
+    """(asked at, status: "200", "503", "timeout", ...)."""
     probe_age_max: float = 0.0
     reconnects: int = 0
     rss_max: float = 0.0
     rss_first: float = 0.0
 
+    def rtts(self) -> list[float]:
+        return [rtt for _, rtt in self.pings if rtt is not None]
+
+    def served(self) -> list[float]:
+        return [t for _, t, _ in self.new_clients if t is not None]
+
 
 async def pinger(url: str, samples: Samples, stop: asyncio.Event) -> None:
-    """A well-behaved client: reads everything, pings every 100 ms."""
+    """A well-behaved client: reads everything, sends a ping every 100 ms whether
+    or not the previous one was answered, matches pongs by ``command_id``."""
     async with websockets.connect(url, max_size=None, compression=None, open_timeout=60) as ws:
-        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1024)
+        pending: dict[str, float] = {}
+        answered = asyncio.Event()
 
         async def read() -> None:
             async for message in ws:
                 frame = json.loads(message)
-                if frame.get("type") == "pong" and not inbox.full():
-                    inbox.put_nowait(frame)
+                sent = pending.pop(str(frame.get("command_id")), None)
+                if frame.get("type") == "pong" and sent is not None:
+                    samples.pings.append((sent, time.monotonic() - sent))
+                if stop.is_set() and not pending:
+                    answered.set()
 
         reader = asyncio.create_task(read())
         try:
             for n in range(100_000):
                 if stop.is_set():
                     break
-                began = time.monotonic()
+                pending[str(n)] = time.monotonic()
                 await ws.send(json.dumps({"type": "ping", "command_id": str(n)}))
-                try:
-                    async with asyncio.timeout(REQUEST_TIMEOUT):
-                        while (await inbox.get()).get("command_id") != str(n):
-                            pass
-                    samples.ping_rtt.append(time.monotonic() - began)
-                except TimeoutError:
-                    samples.ping_timeouts += 1
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), PING_EVERY)
+            # Give the last ones their full chance to come back.
+            if pending:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(answered.wait(), REQUEST_TIMEOUT)
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+            samples.pings.extend((sent, None) for sent in pending.values())
 
 
 async def new_client(url: str, samples: Samples) -> None:
@@ -299,14 +343,15 @@ async def new_client(url: str, samples: Samples) -> None:
                 async for message in ws:
                     if json.loads(message).get("type") == "pong":
                         break
-        samples.new_client.append(time.monotonic() - began)
+        samples.new_clients.append((began, time.monotonic() - began, "ok"))
     except TimeoutError:
-        samples.new_client_failures["timeout"] += 1
+        samples.new_clients.append((began, None, "timeout"))
     except (OSError, websockets.WebSocketException) as exc:
-        samples.new_client_failures[type(exc).__name__] += 1
+        samples.new_clients.append((began, None, type(exc).__name__))
 
 
 async def new_clients(url: str, samples: Samples, stop: asyncio.Event) -> None:
+    """A new client every 500 ms (each on its own; a slow one does not delay the next)."""
     tasks: list[asyncio.Task[None]] = []
     for _ in range(1000):
         if stop.is_set():
@@ -317,30 +362,43 @@ async def new_clients(url: str, samples: Samples, stop: asyncio.Event) -> None:
     await asyncio.gather(*tasks)
 
 
+async def readyz_once(gw: Gateway, samples: Samples) -> None:
+    asked = time.monotonic()
+    try:
+        status, body = await http_request(gw.port, "GET", "/readyz", timeout=2.0)
+    except TimeoutError:
+        samples.readyz.append((asked, "timeout"))
+        return
+    except OSError as exc:
+        samples.readyz.append((asked, type(exc).__name__))
+        return
+    samples.readyz.append((asked, str(status)))
+    with contextlib.suppress(ValueError):
+        facts = json.loads(body)
+        samples.probe_age_max = max(samples.probe_age_max, float(facts.get("probe_age_s", 0)))
+        samples.reconnects = max(samples.reconnects, int(facts.get("reconnects", 0)))
+
+
 async def readyz_poller(gw: Gateway, samples: Samples, stop: asyncio.Event) -> None:
+    """``/readyz`` every 500 ms (2 s timeout each, overlapping) and the gateway's RSS."""
     assert gw.proc is not None
     proc = psutil.Process(gw.proc.pid)
     samples.rss_first = proc.memory_info().rss / 2**20
+    tasks: list[asyncio.Task[None]] = []
     for _ in range(10_000):
         if stop.is_set():
             break
         samples.rss_max = max(samples.rss_max, proc.memory_info().rss / 2**20)
-        try:
-            status, raw = await asyncio.to_thread(http_get, gw.http + "/readyz", 2.0)
-            samples.readyz[str(status)] += 1
-            body = json.loads(raw or b"{}")
-            samples.probe_age_max = max(samples.probe_age_max, float(body.get("probe_age_s", 0)))
-            samples.reconnects = max(samples.reconnects, int(body.get("reconnects", 0)))
-        except (OSError, ValueError):
-            samples.readyz["timeout/error"] += 1
+        tasks.append(asyncio.create_task(readyz_once(gw, samples)))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), READYZ_EVERY)
+    await asyncio.gather(*tasks)
 
 
 async def publish(url: str, rid: str, events: int, rate: float, size: int) -> float:
     """Publish ``events`` deltas of about ``size`` bytes at ``rate``/s; returns seconds taken."""
     agent = str(uuid.uuid4())
-    text = "x" * max(1, size - 160)  # the rest of the frame is about 160 bytes
+    text = "x" * max(1, size - 167)  # the rest of the frame is about 167 bytes
     loop = asyncio.get_running_loop()
     async with RelayClient.from_url(url) as pub:
         start = loop.time()
@@ -350,6 +408,20 @@ async def publish(url: str, rid: str, events: int, rate: float, size: int) -> fl
                 await asyncio.sleep(ahead)
             await pub.publish_text_deltas(rid, agent, [text])
         return loop.time() - start
+
+
+async def wait_drained(gw: Gateway, expected: float, before: float, cap: float) -> float | None:
+    """Seconds until the gateway has sent ``expected`` event frames since ``before``
+    (read from /metrics once a second), or None when it has not within ``cap``."""
+    began = time.monotonic()
+    while time.monotonic() - began < cap:
+        with contextlib.suppress(TimeoutError, OSError):
+            _, body = await http_request(gw.port, "GET", "/metrics", timeout=2.0)
+            sent = (metric_value(body.decode(), "relay_events_sent_total") or 0.0) - before
+            if sent >= expected:
+                return time.monotonic() - began
+        await asyncio.sleep(1.0)
+    return None
 
 
 # ---------------------------------------------------------------- cancels
@@ -364,41 +436,25 @@ class Burst:
 
 async def rest_cancel(port: int, burst: Burst) -> None:
     body = json.dumps({"reason": "overload benchmark"}).encode()
-    path = f"/api/v1/agents/{uuid.uuid4()}/cancel"
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
     began = time.monotonic()
-    writer = None
     try:
-        async with asyncio.timeout(REQUEST_TIMEOUT):
-            reader, writer = await asyncio.open_connection(HOST, port)
-            writer.write(head + body)
-            await writer.drain()
-            raw = await reader.read(1 << 20)
-            while chunk := await reader.read(1 << 20):
-                raw += chunk
+        status, answer = await http_request(
+            port, "POST", f"/api/v1/agents/{uuid.uuid4()}/cancel", body, REQUEST_TIMEOUT
+        )
     except TimeoutError:
         burst.failures["timeout"] += 1
         return
     except OSError as exc:
         burst.failures[type(exc).__name__] += 1
         return
-    finally:
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
     burst.latency.append(time.monotonic() - began)
-    status = int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/") else 0
     if status == 202:
         burst.ok += 1
         return
     try:
-        message = json.loads(raw.split(b"\r\n\r\n", 1)[1]).get("message", "")
-    except (ValueError, IndexError):
-        message = ""
+        message = json.loads(answer).get("message", "")
+    except ValueError:
+        message = answer[:60].decode(errors="replace")
     burst.failures[f"{status} {message}"[:80]] += 1
 
 
@@ -472,6 +528,14 @@ async def cancel_bursts(gw: Gateway, count: int) -> tuple[Burst, Burst]:
 # ---------------------------------------------------------------- one mode
 
 
+def since(samples: list[tuple[float, str]], origin: float) -> str:
+    """The span of the failed samples, relative to ``origin`` (the first publish)."""
+    bad = [t for t, status in samples if status != "200"]
+    if not bad:
+        return ""
+    return f", failing from {min(bad) - origin:+.1f}s to {max(bad) - origin:+.1f}s"
+
+
 async def run_mode(args: argparse.Namespace, mode: str, workdir: Path) -> dict[str, Any]:
     redis = RedisServer(workdir / f"redis-{mode}").start()
     gw = Gateway(
@@ -490,13 +554,12 @@ async def run_mode(args: argparse.Namespace, mode: str, workdir: Path) -> dict[s
         # Baseline: the well-behaved client's ping on an idle gateway.
         idle = Samples()
         stop = asyncio.Event()
-        ping_task = asyncio.create_task(
-            pinger(f"{gw.ws_url}?request_id={uuid.uuid4()}", idle, stop)
-        )
-        await asyncio.sleep(2.0)
+        own = f"{gw.ws_url}?request_id={uuid.uuid4()}"
+        ping_task = asyncio.create_task(pinger(own, idle, stop))
+        await asyncio.sleep(2.0)  # a benchmark's measuring window, not synchronisation
         stop.set()
         await ping_task
-        result["idle_ping"] = idle.ping_rtt
+        result["idle_ping"] = idle.rtts()
 
         began = time.monotonic()
         workers = Workers(gw.ws_url, args.connections, args.workers, mode, args.max_seconds)
@@ -504,6 +567,7 @@ async def run_mode(args: argparse.Namespace, mode: str, workdir: Path) -> dict[s
         result["connect_s"] = time.monotonic() - began
         result["opened"], result["open_failures"] = opened, failed
         before = (await asyncio.to_thread(http_get, gw.http + "/metrics", 10.0))[1].decode()
+        sent_before = metric_value(before, "relay_events_sent_total") or 0.0
 
         samples = Samples()
         stop = asyncio.Event()
@@ -513,10 +577,16 @@ async def run_mode(args: argparse.Namespace, mode: str, workdir: Path) -> dict[s
             asyncio.create_task(readyz_poller(gw, samples, stop)),
         ]
         rid = str(uuid.uuid4())
+        result["origin"] = time.monotonic()
         result["publish_s"] = await publish(redis.url, rid, args.events, args.rate, args.size)
-        await asyncio.sleep(args.settle)  # keep measuring: does it recover?
+        # Keep measuring until every connected client has been sent every event
+        # (or the cap): how long the overload lasts, and how the gateway behaves.
+        result["drain_s"] = await wait_drained(
+            gw, float(args.events * opened), sent_before, args.settle
+        )
         stop.set()
         await asyncio.gather(*monitors)
+        result["window_s"] = time.monotonic() - result["origin"]
         result["samples"] = samples
 
         rest, wsb = await cancel_bursts(gw, args.cancels)
@@ -549,34 +619,50 @@ async def run_mode(args: argparse.Namespace, mode: str, workdir: Path) -> dict[s
 
 def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     s: Samples = r["samples"]
+    origin: float = r["origin"]
     rest: Burst = r["rest"]
     wsb: Burst = r["ws"]
-    readyz_total = sum(s.readyz.values())
-    readyz_bad = readyz_total - s.readyz.get("200", 0)
+    rtts = s.rtts()
+    lost = [t for t, rtt in s.pings if rtt is None]
+    slow = [t for t, rtt in s.pings if rtt is None or rtt > 0.1]
+    served = s.served()
+    refused = Counter(outcome for _, t, outcome in s.new_clients if t is None)
+    readyz = Counter(status for _, status in s.readyz)
+    new_status = [(t, "200" if served_in is not None else o) for t, served_in, o in s.new_clients]
     failed = ", ".join(f"{k}: {v}" for k, v in r["open_failures"].items()) or "none"
+    drain = f"{r['drain_s']:.1f}s" if r["drain_s"] is not None else f"not within {args.settle:g}s"
+    nan = float("nan")
     lines = [
         f"== mode {r['mode']!r}: {r['opened']}/{args.connections} idle firehose connections "
-        f"opened in {r['connect_s']:.1f}s (failures: {failed}); "
-        f"{args.events} x {args.size} B events at {args.rate:g}/s took {r['publish_s']:.1f}s",
+        f"opened in {r['connect_s']:.1f}s (failures: {failed})",
+        f"  {args.events} x {args.size} B events at {args.rate:g}/s: published in "
+        f"{r['publish_s']:.1f}s; every client sent every event {drain} after the last "
+        f"publish; measured over {r['window_s']:.1f}s from the first publish",
         f"  idle gateway, ping RTT: p50 {ms(pct(r['idle_ping'], 0.5))}, "
         f"p99 {ms(pct(r['idle_ping'], 0.99))}",
-        f"  under load, another client's ping RTT: p50 {ms(pct(s.ping_rtt, 0.5))}, "
-        f"p99 {ms(pct(s.ping_rtt, 0.99))}, max {ms(max(s.ping_rtt, default=float('nan')))} "
-        f"({len(s.ping_rtt)} pings, {s.ping_timeouts} unanswered within {REQUEST_TIMEOUT:g}s)",
-        f"  new client, connect + first pong: p50 {ms(pct(s.new_client, 0.5))}, "
-        f"p99 {ms(pct(s.new_client, 0.99))}, max {ms(max(s.new_client, default=float('nan')))} "
-        f"({len(s.new_client)} served, failures: {dict(s.new_client_failures) or 'none'})",
-        f"  /readyz: {readyz_bad}/{readyz_total} not 200 ({dict(s.readyz)}); "
-        f"max probe_age_s {s.probe_age_max:.2f}; reconnects {s.reconnects}",
+        f"  under load, another client's ping RTT: p50 {ms(pct(rtts, 0.5))}, "
+        f"p99 {ms(pct(rtts, 0.99))}, max {ms(max(rtts, default=nan))} "
+        f"({len(s.pings)} pings, {len(lost)} unanswered within {REQUEST_TIMEOUT:g}s"
+        + (
+            f"; slower than 100 ms from {min(slow) - origin:+.1f}s to {max(slow) - origin:+.1f}s)"
+            if slow
+            else ")"
+        ),
+        f"  new client, connect + first pong: p50 {ms(pct(served, 0.5))}, "
+        f"p99 {ms(pct(served, 0.99))}, max {ms(max(served, default=nan))} "
+        f"({len(served)}/{len(s.new_clients)} served, failed: {dict(refused) or 'none'}"
+        f"{since(new_status, origin)})",
+        f"  /readyz: {len(s.readyz) - readyz.get('200', 0)}/{len(s.readyz)} not 200 "
+        f"({dict(readyz)}{since(s.readyz, origin)}); max probe_age_s {s.probe_age_max:.2f}, "
+        f"reconnects {s.reconnects}",
         f"  /metrics: probe failures {r['relay_probe_failures_total']:.0f}, pub/sub reconnects "
         f"{r['relay_redis_reconnects_total']:.0f}, events shed (queue drops) "
         f"{r['relay_queue_drops_total']:.0f}, events sent {r['relay_events_sent_total']:.0f}, "
         f"replayed {r['relay_events_replayed_total']:.0f} (average frame "
         f"{r['relay_bytes_sent_total'] / max(1.0, r['relay_events_sent_total']):.0f} B), "
-        f"resyncs {r['resyncs']:.0f}, "
-        f"connections at the end {r['connections_end']}",
+        f"resyncs {r['resyncs']:.0f}, connections at the end {r['connections_end']:.0f}",
         f"  gateway RSS: {s.rss_first:.0f} MiB with the clients connected, max {s.rss_max:.0f} "
-        f"MiB during the events, {r['rss_end']:.0f} MiB at the end",
+        f"MiB while measuring, {r['rss_end']:.0f} MiB at the end",
         f"  {args.cancels} concurrent REST cancels: {rest.ok} ok, "
         f"{sum(rest.failures.values())} failed {dict(rest.failures.most_common(3))}; "
         f"p50 {ms(pct(rest.latency, 0.5))}, p99 {ms(pct(rest.latency, 0.99))}",
@@ -613,10 +699,12 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--size", type=int, default=1024, help="bytes per event frame")
-    parser.add_argument("--settle", type=float, default=5.0, help="seconds measured after")
+    parser.add_argument(
+        "--settle", type=float, default=90.0, help="measure at most this long after the events"
+    )
     parser.add_argument("--cancels", type=int, default=500)
     parser.add_argument(
-        "--max-seconds", type=float, default=600.0, help="load clients exit after this long"
+        "--max-seconds", type=float, default=900.0, help="load clients exit after this long"
     )
     args = parser.parse_args()
     for mode in args.modes.split(","):
