@@ -284,6 +284,8 @@ class Samples:
     """(started at, connect + first pong or None, outcome)."""
     readyz: list[tuple[float, str]] = field(default_factory=list)
     """(asked at, status: "200", "503", "timeout", ...)."""
+    pinger_drops: Counter[str] = field(default_factory=Counter)
+    """Times the well-behaved client's connection was lost, by error."""
     probe_age_max: float = 0.0
     reconnects: int = 0
     rss_max: float = 0.0
@@ -298,37 +300,61 @@ class Samples:
 
 async def pinger(url: str, samples: Samples, stop: asyncio.Event) -> None:
     """A well-behaved client: reads everything, sends a ping every 100 ms whether
-    or not the previous one was answered, matches pongs by ``command_id``."""
-    async with websockets.connect(url, max_size=None, compression=None, open_timeout=60) as ws:
-        pending: dict[str, float] = {}
-        answered = asyncio.Event()
+    or not the previous one was answered, matches pongs by ``command_id``.
 
-        async def read() -> None:
-            async for message in ws:
-                frame = json.loads(message)
-                sent = pending.pop(str(frame.get("command_id")), None)
-                if frame.get("type") == "pong" and sent is not None:
-                    samples.pings.append((sent, time.monotonic() - sent))
-                if stop.is_set() and not pending:
-                    answered.set()
-
-        reader = asyncio.create_task(read())
+    Like a browser it sends no keepalive pings of its own; when the gateway
+    drops it anyway it reconnects (at most 20 times) and the drop is counted.
+    """
+    n = 0
+    for _ in range(20):
+        if stop.is_set():
+            return
         try:
-            for n in range(100_000):
-                if stop.is_set():
-                    break
-                pending[str(n)] = time.monotonic()
-                await ws.send(json.dumps({"type": "ping", "command_id": str(n)}))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), PING_EVERY)
-            # Give the last ones their full chance to come back.
-            if pending:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(answered.wait(), REQUEST_TIMEOUT)
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-            samples.pings.extend((sent, None) for sent in pending.values())
+            n = await _ping_session(url, samples, stop, n)
+        except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+            samples.pinger_drops[type(exc).__name__] += 1
+
+
+async def _ping_session(url: str, samples: Samples, stop: asyncio.Event, n: int) -> int:
+    """One connection of :func:`pinger`; returns the next ping number."""
+    pending: dict[str, float] = {}
+    try:
+        async with websockets.connect(
+            url, max_size=None, compression=None, open_timeout=REQUEST_TIMEOUT, ping_interval=None
+        ) as ws:
+            answered = asyncio.Event()
+
+            async def read() -> None:
+                async for message in ws:
+                    frame = json.loads(message)
+                    sent = pending.pop(str(frame.get("command_id")), None)
+                    if frame.get("type") == "pong" and sent is not None:
+                        samples.pings.append((sent, time.monotonic() - sent))
+                    if stop.is_set() and not pending:
+                        answered.set()
+
+            reader = asyncio.create_task(read())
+            try:
+                for _ in range(100_000):
+                    if stop.is_set() or reader.done():
+                        break
+                    pending[str(n)] = time.monotonic()
+                    await ws.send(json.dumps({"type": "ping", "command_id": str(n)}))
+                    n += 1
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), PING_EVERY)
+                # Give the last ones their full chance to come back.
+                if pending and not reader.done():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(answered.wait(), REQUEST_TIMEOUT)
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+            if not stop.is_set():
+                raise websockets.ConnectionClosedError(ws.close_rcvd, ws.close_sent)
+    finally:
+        samples.pings.extend((sent, None) for sent in pending.values())
+    return n
 
 
 async def new_client(url: str, samples: Samples) -> None:
@@ -337,7 +363,11 @@ async def new_client(url: str, samples: Samples) -> None:
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
             async with websockets.connect(
-                url, max_size=None, compression=None, open_timeout=REQUEST_TIMEOUT
+                url,
+                max_size=None,
+                compression=None,
+                open_timeout=REQUEST_TIMEOUT,
+                ping_interval=None,
             ) as ws:
                 await ws.send(json.dumps({"type": "ping", "command_id": "first"}))
                 async for message in ws:
@@ -515,7 +545,9 @@ async def cancel_bursts(gw: Gateway, count: int) -> tuple[Burst, Burst]:
             try:
                 conns.append(
                     await stack.enter_async_context(
-                        websockets.connect(url, compression=None, open_timeout=REQUEST_TIMEOUT)
+                        websockets.connect(
+                            url, compression=None, open_timeout=REQUEST_TIMEOUT, ping_interval=None
+                        )
                     )
                 )
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
@@ -642,7 +674,8 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f"p99 {ms(pct(r['idle_ping'], 0.99))}",
         f"  under load, another client's ping RTT: p50 {ms(pct(rtts, 0.5))}, "
         f"p99 {ms(pct(rtts, 0.99))}, max {ms(max(rtts, default=nan))} "
-        f"({len(s.pings)} pings, {len(lost)} unanswered within {REQUEST_TIMEOUT:g}s"
+        f"({len(s.pings)} pings, {len(lost)} unanswered within {REQUEST_TIMEOUT:g}s, "
+        f"connection lost: {dict(s.pinger_drops) or 'never'}"
         + (
             f"; slower than 100 ms from {min(slow) - origin:+.1f}s to {max(slow) - origin:+.1f}s)"
             if slow
