@@ -351,7 +351,7 @@ async def _ping_session(url: str, samples: Samples, stop: asyncio.Event, n: int)
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
             if not stop.is_set():
-                raise websockets.ConnectionClosedError(ws.close_rcvd, ws.close_sent)
+                samples.pinger_drops[f"closed {ws.close_code}"] += 1
     finally:
         samples.pings.extend((sent, None) for sent in pending.values())
     return n
