@@ -108,8 +108,28 @@ def metric_sum(text: str, name: str) -> float:
 # ---------------------------------------------------------------- load worker
 
 
-async def _worker(url: str, count: int, mode: str, max_seconds: float) -> None:
-    """One client process: ``count`` firehose connections in ``mode`` until told to stop."""
+def frame_seq(message: str | bytes) -> int | None:
+    """The ``seq`` of an event frame without decoding its JSON (None: not an event).
+
+    The gateway appends ``request_id``, ``seq`` and ``ts`` to every event; a
+    substring search keeps 2,000 reading clients from costing a JSON parse per
+    frame, which would load the machine the gateway runs on.
+    """
+    text = message if isinstance(message, str) else message.decode()
+    at = text.rfind('"seq":')
+    if at < 0 or '"ts":' not in text[at:]:
+        return None
+    digits = text[at + 6 :].partition(",")[0]
+    return int(digits) if digits.isdigit() else None
+
+
+async def _worker(url: str, count: int, mode: str, max_seconds: float, expect: int) -> None:
+    """One client process: ``count`` firehose connections in ``mode`` until told to stop.
+
+    Reading clients check every event's seq: gaps (events the gateway never
+    sent them) and duplicates are counted, as are connections that got all
+    ``expect`` events.
+    """
     raise_fd_limit(count + 256)
     loop = asyncio.get_running_loop()
     opened: list[Any] = []
@@ -151,18 +171,29 @@ async def _worker(url: str, count: int, mode: str, max_seconds: float) -> None:
     await asyncio.gather(*(open_one() for _ in range(count)))
     print(json.dumps({"ready": len(opened), "failed": dict(failures)}), flush=True)
 
-    received = [0]
-    closed = [0]
+    stats: Counter[str] = Counter()
 
     async def read(ws: Any) -> None:
+        last = 0
         try:
-            async for _ in ws:
-                received[0] += 1
+            async for message in ws:
+                seq = frame_seq(message)
+                if seq is None:
+                    kind = message[:40].partition('"type":"')[2].partition('"')[0]
+                    stats[f"frames {kind}"] += 1
+                    continue
+                stats["received"] += 1
+                if seq > last + 1:
+                    stats["missing"] += seq - last - 1
+                    stats["gaps"] += 1
+                elif seq <= last:
+                    stats["duplicates"] += 1
+                last = max(last, seq)
                 if mode == "slow":
                     await asyncio.sleep(0.05)
         except websockets.ConnectionClosed:
-            pass
-        closed[0] += 1
+            stats["closed_by_server"] += 1
+        stats["connections_with_all_events"] += int(last >= expect)
 
     readers = [asyncio.create_task(read(ws)) for ws in opened] if mode != "never" else []
     stop = asyncio.Event()
@@ -175,13 +206,15 @@ async def _worker(url: str, count: int, mode: str, max_seconds: float) -> None:
     await asyncio.gather(*readers, return_exceptions=True)
     for ws in opened:
         ws.transport.abort()  # a client that never read cannot close politely
-    print(json.dumps({"received": received[0], "closed_by_server": closed[0]}), flush=True)
+    print(json.dumps(dict(stats)), flush=True)
 
 
 class Workers:
     """The client processes holding the idle connections."""
 
-    def __init__(self, url: str, total: int, processes: int, mode: str, max_seconds: float):
+    def __init__(
+        self, url: str, total: int, processes: int, mode: str, max_seconds: float, expect: int
+    ):
         share = [total // processes + (1 if i < total % processes else 0) for i in range(processes)]
         self.procs = [
             subprocess.Popen(
@@ -193,6 +226,7 @@ class Workers:
                     str(n),
                     mode,
                     str(max_seconds),
+                    str(expect),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -594,7 +628,9 @@ async def run_mode(args: argparse.Namespace, mode: str, workdir: Path) -> dict[s
         result["idle_ping"] = idle.rtts()
 
         began = time.monotonic()
-        workers = Workers(gw.ws_url, args.connections, args.workers, mode, args.max_seconds)
+        workers = Workers(
+            gw.ws_url, args.connections, args.workers, mode, args.max_seconds, args.events
+        )
         opened, failed = await asyncio.to_thread(workers.ready, 180.0)
         result["connect_s"] = time.monotonic() - began
         result["opened"], result["open_failures"] = opened, failed
@@ -716,15 +752,17 @@ async def main(args: argparse.Namespace) -> None:
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.logs) if args.logs else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
         for mode in args.modes.split(","):
-            result = await run_mode(args, mode, Path(tmp))
+            result = await run_mode(args, mode, workdir)
             report(args, result)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        url, count, mode, max_seconds = sys.argv[2:6]
-        asyncio.run(_worker(url, int(count), mode, float(max_seconds)))
+        url, count, mode, max_seconds, expect = sys.argv[2:7]
+        asyncio.run(_worker(url, int(count), mode, float(max_seconds), int(expect)))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=2000)
@@ -737,6 +775,7 @@ if __name__ == "__main__":
         "--settle", type=float, default=90.0, help="measure at most this long after the events"
     )
     parser.add_argument("--cancels", type=int, default=500)
+    parser.add_argument("--logs", help="keep the gateway and Redis logs in this directory")
     parser.add_argument(
         "--max-seconds", type=float, default=900.0, help="load clients exit after this long"
     )
