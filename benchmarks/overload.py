@@ -173,7 +173,9 @@ async def _worker(url: str, count: int, mode: str, max_seconds: float, expect: i
 
     stats: Counter[str] = Counter()
 
-    async def read(ws: Any) -> None:
+    lasts = [0] * len(opened)
+
+    async def read(i: int, ws: Any) -> None:
         last = 0
         try:
             async for message in ws:
@@ -188,14 +190,15 @@ async def _worker(url: str, count: int, mode: str, max_seconds: float, expect: i
                     stats["gaps"] += 1
                 elif seq <= last:
                     stats["duplicates"] += 1
-                last = max(last, seq)
+                last = lasts[i] = max(last, seq)
                 if mode == "slow":
                     await asyncio.sleep(0.05)
         except websockets.ConnectionClosed:
             stats["closed_by_server"] += 1
-        stats["connections_with_all_events"] += int(last >= expect)
 
-    readers = [asyncio.create_task(read(ws)) for ws in opened] if mode != "never" else []
+    readers = (
+        [] if mode == "never" else [asyncio.create_task(read(i, ws)) for i, ws in enumerate(opened)]
+    )
     stop = asyncio.Event()
     loop.add_reader(sys.stdin.fileno(), stop.set)
     with contextlib.suppress(TimeoutError):
@@ -206,6 +209,9 @@ async def _worker(url: str, count: int, mode: str, max_seconds: float, expect: i
     await asyncio.gather(*readers, return_exceptions=True)
     for ws in opened:
         ws.transport.abort()  # a client that never read cannot close politely
+    if mode != "never" and lasts:
+        stats["connections_with_all_events"] = sum(1 for last in lasts if last >= expect)
+        stats["lowest_last_seq"] = min(lasts)
     print(json.dumps(dict(stats)), flush=True)
 
 
@@ -261,13 +267,19 @@ class Workers:
                 with contextlib.suppress(OSError):
                     proc.stdin.write("stop\n")
                     proc.stdin.flush()
+        lowest: list[int] = []
         for proc in self.procs:
-            totals.update(self._line(proc, timeout))  # also after it exited: the pipe has it
+            report = self._line(proc, timeout)  # also after it exited: the pipe has it
+            if "lowest_last_seq" in report:
+                lowest.append(report.pop("lowest_last_seq"))
+            totals.update(report)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        if lowest:
+            totals["lowest_last_seq"] = min(lowest)
         return dict(totals)
 
 
