@@ -89,7 +89,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 def ms(value: float) -> str:
-    return "n/a" if value != value else f"{value * 1000:.1f} ms"
+    """Seconds as milliseconds; infinity is what never came (see :meth:`Samples.rtts`)."""
+    if value != value:
+        return "n/a"
+    if value == float("inf"):
+        return "never"
+    return f"{value * 1000:.1f} ms"
 
 
 def metric_sum(text: str, name: str) -> float:
@@ -338,10 +343,13 @@ class Samples:
     rss_first: float = 0.0
 
     def rtts(self) -> list[float]:
-        return [rtt for _, rtt in self.pings if rtt is not None]
+        """Every ping's round trip, infinite when never answered: leaving those
+        out would report the few pings that got through as the typical one."""
+        return [rtt if rtt is not None else float("inf") for _, rtt in self.pings]
 
     def served(self) -> list[float]:
-        return [t for _, t, _ in self.new_clients if t is not None]
+        """Every new client's time to be served, infinite when it failed or timed out."""
+        return [t if t is not None else float("inf") for _, t, _ in self.new_clients]
 
 
 async def pinger(url: str, samples: Samples, stop: asyncio.Event) -> None:
@@ -712,6 +720,9 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     failed = ", ".join(f"{k}: {v}" for k, v in r["open_failures"].items()) or "none"
     drain = f"{r['drain_s']:.1f}s" if r["drain_s"] is not None else f"not within {args.settle:g}s"
     nan = float("nan")
+    inf = float("inf")
+    answered = [r for r in rtts if r < inf]
+    got_in = [t for t in served if t < inf]
     lines = [
         f"== mode {r['mode']!r}: {r['opened']}/{args.connections} idle firehose connections "
         f"opened in {r['connect_s']:.1f}s (failures: {failed})",
@@ -721,8 +732,9 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f"  idle gateway, ping RTT: p50 {ms(pct(r['idle_ping'], 0.5))}, "
         f"p99 {ms(pct(r['idle_ping'], 0.99))}",
         f"  under load, another client's ping RTT: p50 {ms(pct(rtts, 0.5))}, "
-        f"p99 {ms(pct(rtts, 0.99))}, max {ms(max(rtts, default=nan))} "
-        f"({len(s.pings)} pings, {sum(1 for r in rtts if r > REQUEST_TIMEOUT)} answered after "
+        f"p99 {ms(pct(rtts, 0.99))}, max answered {ms(max(answered, default=nan))} "
+        f"({len(s.pings)} pings, {sum(1 for r in rtts if REQUEST_TIMEOUT < r < inf)} "
+        "answered after "
         f"more than {REQUEST_TIMEOUT:g}s, {len(lost)} never, "
         f"connection lost: {dict(s.pinger_drops) or 'never'}"
         + (
@@ -731,8 +743,9 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
             else ")"
         ),
         f"  new client, connect + first pong: p50 {ms(pct(served, 0.5))}, "
-        f"p99 {ms(pct(served, 0.99))}, max {ms(max(served, default=nan))} "
-        f"({len(served)}/{len(s.new_clients)} served, failed: {dict(refused) or 'none'}"
+        f"p99 {ms(pct(served, 0.99))}, max served {ms(max(got_in, default=nan))} "
+        f"({sum(1 for t in served if t < inf)}/{len(s.new_clients)} served, "
+        f"failed: {dict(refused) or 'none'}"
         f"{since(new_status, origin)})",
         f"  /readyz: {len(s.readyz) - readyz.get('200', 0)}/{len(s.readyz)} not 200 "
         f"({dict(readyz)}{since(s.readyz, origin)}); max probe_age_s {s.probe_age_max:.2f}, "
