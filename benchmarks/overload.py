@@ -723,6 +723,9 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     inf = float("inf")
     answered = [r for r in rtts if r < inf]
     got_in = [t for t in served if t < inf]
+    end = origin + r["publish_s"]
+    ping_during = [rtt for (t, _), rtt in zip(s.pings, rtts, strict=True) if t <= end]
+    new_during = [x for (t, _, _), x in zip(s.new_clients, served, strict=True) if t <= end]
     lines = [
         f"== mode {r['mode']!r}: {r['opened']}/{args.connections} idle firehose connections "
         f"opened in {r['connect_s']:.1f}s (failures: {failed})",
@@ -731,7 +734,7 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f"publish; measured over {r['window_s']:.1f}s from the first publish",
         f"  idle gateway, ping RTT: p50 {ms(pct(r['idle_ping'], 0.5))}, "
         f"p99 {ms(pct(r['idle_ping'], 0.99))}",
-        f"  under load, another client's ping RTT: p50 {ms(pct(rtts, 0.5))}, "
+        f"  whole window, another client's ping RTT: p50 {ms(pct(rtts, 0.5))}, "
         f"p99 {ms(pct(rtts, 0.99))}, max answered {ms(max(answered, default=nan))} "
         f"({len(s.pings)} pings, {sum(1 for r in rtts if REQUEST_TIMEOUT < r < inf)} "
         "answered after "
@@ -742,7 +745,11 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
             if slow
             else ")"
         ),
-        f"  new client, connect + first pong: p50 {ms(pct(served, 0.5))}, "
+        f"  while the events were published ({r['publish_s']:.0f}s): ping p50 "
+        f"{ms(pct(ping_during, 0.5))}, p99 {ms(pct(ping_during, 0.99))}; new client p50 "
+        f"{ms(pct(new_during, 0.5))}, p99 {ms(pct(new_during, 0.99))} "
+        f"({sum(1 for t in new_during if t < inf)}/{len(new_during)} served)",
+        f"  whole window, new client (connect + first pong): p50 {ms(pct(served, 0.5))}, "
         f"p99 {ms(pct(served, 0.99))}, max served {ms(max(got_in, default=nan))} "
         f"({sum(1 for t in served if t < inf)}/{len(s.new_clients)} served, "
         f"failed: {dict(refused) or 'none'}"
