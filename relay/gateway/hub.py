@@ -367,4 +367,9 @@ class Hub:
         """The pub/sub connection is gone: remember since when, for the next catch-up."""
         self._synced = False
         if self._disconnected_at is None:
-            self._disconnected_at = time.time()
+            # Not the time of the teardown, which comes after the probe
+            # timeout and may be late under load: the stream may have gone
+            # quiet since the last probe came back, so catch up from there.
+            heard = self.link.last_heard()
+            now = time.time()
+            self._disconnected_at = now if heard is None else min(now, heard)
