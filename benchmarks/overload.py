@@ -8,7 +8,8 @@ probe settings), then, for each client mode:
   client processes so the load client is not the bottleneck. ``never``: they
   never read (small receive buffers, so back-pressure reaches the gateway
   quickly); ``slow``: they read one frame every 50 ms; ``normal``: they read
-  everything;
+  everything; reading clients check every seq (gaps, duplicates, whether
+  they got the whole stream);
 * publishes ``--events`` events of ``--size`` bytes at ``--rate``/s through
   the SDK, and meanwhile measures:
 
@@ -19,7 +20,8 @@ probe settings), then, for each client mode:
   - ``/readyz`` every 500 ms: status, ``probe_age_s``, ``reconnects``;
   - the gateway's RSS;
 
-* keeps measuring for ``--settle`` seconds after the last event, then fires
+* keeps measuring after the last event until the gateway has sent every
+  client every event (at most ``--settle`` seconds), then fires
   ``--cancels`` concurrent cancels over REST (``POST /api/v1/agents/{id}/cancel``)
   and as many ``cancel_agent`` WebSocket commands, while the idle clients are
   still connected;
