@@ -108,8 +108,11 @@ def _check_bindable(host: str, port: int) -> None:
 def cmd_gateway(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(config)
+    from .auth import Authenticator
     from .gateway.serve import run_gateway
 
+    # A jwt mode without a key is a configuration error (exit 2), not a crash.
+    Authenticator.from_config(config)
     host, port = config.gateway.host, config.gateway.port
     _check_bindable(host, port)
     try:

@@ -211,6 +211,8 @@ class Gateway(RelayProcess):
             "RELAY_GATEWAY_PORT": str(self.port),
             "RELAY_GATEWAY_PROBE_INTERVAL": "0.5",
             "RELAY_GATEWAY_PROBE_TIMEOUT": "1.0",
+            # Authentication is off unless a test turns it on (tests/integration/test_auth.py).
+            "RELAY_AUTH_MODE": "none",
             **(extra_env or {}),
         }
         super().__init__(["gateway"], env, log)
