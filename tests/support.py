@@ -247,8 +247,10 @@ class Gateway(RelayProcess):
 class WsClient:
     """A WebSocket client that records every frame it receives."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **connect: Any) -> None:
         self.url = url
+        self._connect = connect
+        """Extra keyword arguments of ``websockets.connect`` (headers, subprotocols, origin)."""
         self.frames: list[dict[str, Any]] = []
         self.ws: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -256,7 +258,7 @@ class WsClient:
         self.close_code: int | None = None
 
     async def __aenter__(self) -> WsClient:
-        self.ws = await websockets.connect(self.url, max_size=None)
+        self.ws = await websockets.connect(self.url, max_size=None, **self._connect)
         self._task = asyncio.create_task(self._read())
         return self
 
