@@ -179,3 +179,52 @@ def test_websocket_token_sources() -> None:
     assert websocket_token({}, {}, ["relay.v1", "relay.bearer.xyz"]) == "xyz"
     assert websocket_token({}, {"token": "q"}, []) == "q"
     assert websocket_token({"authorization": "Basic abc"}, {}, []) is None
+
+
+async def test_jwks_url_picks_the_key_by_kid() -> None:
+    """Keys from a JWKS endpoint (fetched off the event loop), chosen by the token's kid."""
+    import http.server
+    import threading
+
+    key, _ = _rsa()
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    body = json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "RS256", "use": "sig"}]}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        auth = _auth(jwks_url=f"http://127.0.0.1:{server.server_port}/jwks.json")
+        good = jwt.encode(
+            {"sub": "a", "tenant": "t1", "caps": ["view"], "exp": int(time.time()) + 60},
+            key,
+            algorithm="RS256",
+            headers={"kid": "k1"},
+        )
+        assert (await auth.verify(good)).tenant == "t1"
+        other, _ = _rsa()
+        forged = jwt.encode(
+            {"sub": "a", "tenant": "t1", "caps": ["view"], "exp": int(time.time()) + 60},
+            other,
+            algorithm="RS256",
+            headers={"kid": "k1"},
+        )
+        with pytest.raises(AuthError, match="signature"):
+            await auth.verify(forged)
+        unknown = jwt.encode({"sub": "a"}, other, algorithm="RS256", headers={"kid": "nope"})
+        with pytest.raises(AuthError, match="key set"):
+            await auth.verify(unknown)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
