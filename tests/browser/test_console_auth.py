@@ -56,7 +56,14 @@ async def test_console_asks_for_a_token_and_reports_refusal_and_expiry(
     assert stored and stored.count(".") == 2
     assert await page.evaluate("document.cookie") == ""  # never a cookie
 
-    # The URL `relay token` prints: #token=... is taken into the tab and out of the URL.
+    await context.close()
+
+    # The URL `relay token` prints, opened in a new tab: #token=... is taken
+    # into the tab's sessionStorage and out of the address bar.
+    context = await browser.new_context()
+    page = await context.new_page()
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    form, message = page.get_by_test_id("auth-form"), page.get_by_test_id("auth-message")
     short = token(ttl=3)
     await page.goto(f"{gw.http}/#token={short}&open={rid}")
     await expect(page.get_by_test_id(f"panel-{rid}")).to_be_visible(timeout=20_000)

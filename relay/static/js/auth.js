@@ -12,24 +12,31 @@
 //   (expired), shows the token form with the gateway's reason.
 
 const KEY = "relay.token";
-const listeners = new Set();
+const onToken = new Set();     // sockets and the listing: try again with the new token
+const onProblem = new Set();   // the page: show or hide the token form
 
 export const auth = { problem: null };   // null, or what to tell the user
 
 function takeFromUrl() {
+  let taken = false;
   const parts = location.hash.replace(/^#/, "").split("&").filter(Boolean);
   const rest = [];
   for (const part of parts) {
     if (part.startsWith("token=")) {
       const value = decodeURIComponent(part.slice(6));
-      if (value) sessionStorage.setItem(KEY, value);
+      if (value) { sessionStorage.setItem(KEY, value); taken = true; }
     } else rest.push(part);
   }
   if (rest.length !== parts.length) {
     history.replaceState(null, "", rest.length ? `#${rest.join("&")}` : location.pathname);
   }
+  return taken;
 }
 takeFromUrl();
+// A console URL pasted into a tab that already shows the console.
+window.addEventListener("hashchange", () => {
+  if (takeFromUrl()) setToken(token());
+});
 
 export function token() { return sessionStorage.getItem(KEY); }
 
@@ -48,7 +55,7 @@ export function wsProtocols() {
 // The gateway said no: remember why and let the page ask for a token.
 export function refused(message) {
   auth.problem = message;
-  for (const fn of listeners) fn();
+  for (const fn of onProblem) fn();
 }
 
 export function setToken(value) {
@@ -56,8 +63,12 @@ export function setToken(value) {
   if (!t) return false;
   sessionStorage.setItem(KEY, t);
   auth.problem = null;
-  for (const fn of listeners) fn();
+  for (const fn of onProblem) fn();
+  for (const fn of onToken) fn();
   return true;
 }
 
-export function onAuthChange(fn) { listeners.add(fn); }
+// fn() after a new token was entered (not when one is refused).
+export function onTokenChange(fn) { onToken.add(fn); }
+// fn() whenever auth.problem changes.
+export function onAuthProblem(fn) { onProblem.add(fn); }

@@ -3,7 +3,7 @@
 // "reconnecting") the connection indicator shows. What is said on the socket
 // (subscribe, resume with after_seq/epoch) is up to the owner: see session.js.
 
-import { onAuthChange, refused, wsProtocols } from "./auth.js";
+import { onTokenChange, refused, token, wsProtocols } from "./auth.js";
 
 const BACKOFF_BASE_MS = 1000;
 const CLOSE_POLICY = 1008;          // missing or refused token
@@ -27,7 +27,7 @@ export class Channel {
   constructor(name, hooks) {
     Object.assign(this, { name, hooks, ws: null, state: "idle", attempt: 0,
       timer: null, retryAt: 0, stopped: true, waiting: false });
-    onAuthChange(() => {
+    onTokenChange(() => {
       if (this.waiting && !this.stopped) { this.waiting = false; this.attempt = 0; this.connect(); }
     });
   }
@@ -43,6 +43,7 @@ export class Channel {
     this.state = this.attempt ? "reconnecting" : "connecting";
     this.hooks.onStatus();
     const ws = new WebSocket(WS_URL, wsProtocols());
+    const sent = token();
     this.ws = ws;
     ws.onopen = () => {
       this.attempt = 0; this.state = "live";
@@ -59,7 +60,9 @@ export class Channel {
     ws.onclose = (ev) => {
       if (this.ws !== ws || this.stopped) return;
       this.ws = null;
-      if (ev.code === CLOSE_POLICY || ev.code === CLOSE_TOKEN_EXPIRED) {
+      const authClose = ev.code === CLOSE_POLICY || ev.code === CLOSE_TOKEN_EXPIRED;
+      if (authClose && token() !== sent) { this.attempt = 0; this.connect(); return; }
+      if (authClose) {
         // Reconnecting with the same token would be refused again: wait for a new one.
         this.state = "reconnecting"; this.waiting = true;
         this.hooks.onLinkChange();

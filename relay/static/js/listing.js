@@ -4,7 +4,7 @@
 // It looks like a Channel to the connection indicator: a state ("idle",
 // "connecting", "live", "reconnecting"), the attempt and when the next one is.
 
-import { authHeaders, onAuthChange, refused } from "./auth.js";
+import { authHeaders, onTokenChange, refused, token } from "./auth.js";
 
 const POLL_MS = 2000;
 const BACKOFF_MAX_MS = 30000;
@@ -16,7 +16,7 @@ export class Listing {
   constructor(onBody, hooks) {
     Object.assign(this, { onBody, hooks, state: "idle", attempt: 0, timer: null,
       retryAt: 0, stopped: true, ws: null, waiting: false });
-    onAuthChange(() => {
+    onTokenChange(() => {
       if (this.waiting && !this.stopped) { this.waiting = false; this.poll(); }
     });
   }
@@ -33,6 +33,7 @@ export class Listing {
     if (this.state === "idle") { this.state = "connecting"; this.hooks.onStatus(); }
     let body = null;
     let denied = null;
+    const sent = token();
     try {
       const resp = await fetch(LIST_URL, { cache: "no-store", headers: authHeaders() });
       if (resp.ok) body = await resp.json();
@@ -44,6 +45,7 @@ export class Listing {
       }
     } catch { body = null; }
     if (this.stopped) return;
+    if (denied && token() !== sent) denied = null;   // a new token came meanwhile: retry now
     if (denied) {
       // No point retrying with the same token: wait for a new one.
       this.state = "reconnecting"; this.hooks.onLinkChange();

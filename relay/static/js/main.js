@@ -3,7 +3,7 @@
 // listing and the detail socket, over listing.js and channel.js), render.js (the DOM) and format.js.
 // The user's actions (open, close, cancel, answer a budget pause) live here.
 
-import { auth, onAuthChange, setToken } from "./auth.js";
+import { auth, onAuthProblem, setToken } from "./auth.js";
 import { $, bindRender, clearViewDom, schedule, tick } from "./render.js";
 import { command, detail, listing, subscribe } from "./session.js";
 import { effects, newView, store } from "./store.js";
@@ -84,7 +84,7 @@ function boot() {
     $("auth-form").hidden = !auth.problem;
     $("auth-message").textContent = auth.problem || "";
   };
-  onAuthChange(showAuth);
+  onAuthProblem(showAuth);
   $("auth-form").addEventListener("submit", (e) => {
     e.preventDefault();
     if (setToken($("auth-input").value)) $("auth-input").value = "";
