@@ -228,3 +228,51 @@ async def test_jwks_url_picks_the_key_by_kid() -> None:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+async def test_relay_token_mints_a_token_the_gateway_accepts(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relay.cli import main
+
+    monkeypatch.setenv("RELAY_AUTH_JWT_SECRET", SECRET)
+    monkeypatch.setenv("RELAY_GATEWAY_PORT", "8123")
+    rid = str(uuid.uuid4())
+    argv = ["token", "--tenant", "acme", "--caps", "view,cancel", "--request", rid, "--ttl", "15m"]
+    assert main([*argv, "--sub", "alice"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    minted, url = out[0], out[1]
+    assert url == f"console: http://127.0.0.1:8123/#token={minted}"
+    who = await _auth(jwt_secret=SECRET).verify(minted)
+    assert (who.sub, who.tenant, who.caps) == ("alice", "acme", frozenset({"view", "cancel"}))
+    assert who.requests == frozenset({rid})
+    assert who.exp is not None and 890 < who.exp - time.time() <= 900
+    assert main(["token", "--caps", "view,admin"]) == 2
+    assert "--caps: unknown capability admin" in capsys.readouterr().err
+    assert main(["token", "--ttl", "3d"]) == 2
+    assert "auth.max_ttl_seconds" in capsys.readouterr().err
+    monkeypatch.delenv("RELAY_AUTH_JWT_SECRET")
+    assert main(["token"]) == 2
+    assert "no signing key" in capsys.readouterr().err
+
+
+async def test_relay_token_signs_with_a_private_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from relay.cli import main
+
+    key, pem = _rsa()
+    path = tmp_path / "key.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    assert main(["token", "--private-key", str(path), "--sub", "ci"]) == 0
+    minted = capsys.readouterr().out.splitlines()[0]
+    assert jwt.get_unverified_header(minted)["alg"] == "RS256"
+    assert (await _auth(jwt_public_key=pem).verify(minted)).sub == "ci"
+    assert main(["token", "--private-key", str(tmp_path / "missing.pem")]) == 2
+    assert "--private-key: cannot read" in capsys.readouterr().err
