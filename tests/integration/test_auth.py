@@ -366,3 +366,13 @@ def test_gateway_refuses_to_start_in_jwt_mode_without_a_key(tmp_path: Path) -> N
     assert result.returncode == 2, result
     assert "auth.jwt_secret" in result.stderr and "auth.mode = 'none'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_mode_none_warns_at_startup_and_serves_without_a_token(
+    start_gateway: Callable[..., Gateway],
+) -> None:
+    gw = start_gateway()  # the fixtures say RELAY_AUTH_MODE=none explicitly
+    await eventually(lambda: "auth.mode is 'none'" in gw.output(), 5, "the startup warning")
+    async with WsClient(gw.ws_url) as client:
+        reply = await client.request({"type": "refresh", "token": "anything"}, "refreshed")
+        assert reply == {"type": "refreshed", "exp": None}
