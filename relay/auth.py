@@ -56,6 +56,8 @@ CLOSE_TOKEN_EXPIRED = 4001
 """WebSocket close code when a connection's token expires without a refresh."""
 
 _HMAC = ("HS256", "HS384", "HS512")
+JWKS_REFRESH_MIN_S = 60.0
+"""Least time between two fetches of the key set caused by unknown ``kid`` s."""
 
 
 class AuthError(Exception):
@@ -128,6 +130,7 @@ class Authenticator:
     public_keys: list[Any] = field(default_factory=list)
     algorithms: list[str] = field(default_factory=list)
     jwks: jwt.PyJWKClient | None = None
+    _jwks_refreshed: float = -JWKS_REFRESH_MIN_S - 1
 
     @classmethod
     def from_config(cls, config: GlobalConfig) -> Authenticator:
@@ -198,8 +201,9 @@ class Authenticator:
             # Each key only for its own family: an EC key is never tried for RS256.
             family = ec.EllipticCurvePublicKey if alg.startswith("ES") else rsa.RSAPublicKey
             keys = [k for k in self.public_keys if isinstance(k, family)]
-            if self.jwks is not None and header.get("kid"):
-                keys.append(await self._jwks_key(token))
+            kid = header.get("kid")
+            if self.jwks is not None and isinstance(kid, str) and kid:
+                keys.append(await self._jwks_key(kid))
         claims: dict[str, Any] | None = None
         expired = False
         for key in keys:
@@ -224,14 +228,28 @@ class Authenticator:
             raise AuthError("token expired" if expired else "token signature is not valid")
         return self._principal(claims)
 
-    async def _jwks_key(self, token: str) -> Any:
-        assert self.jwks is not None
+    async def _jwks_key(self, kid: str) -> Any:
+        # PyJWKClient fetches with urllib (blocking): never on the event loop.
         try:
-            # PyJWKClient fetches with urllib (blocking): never on the event loop.
-            signing = await asyncio.to_thread(self.jwks.get_signing_key_from_jwt, token)
+            return await asyncio.to_thread(self._jwks_lookup, kid)
         except jwt.PyJWTError as exc:
             raise AuthError(f"no key for this token in the key set: {exc}") from None
-        return signing.key
+
+    def _jwks_lookup(self, kid: str) -> Any:
+        assert self.jwks is not None
+        for key in self.jwks.get_signing_keys():  # cached for jwks_cache_seconds
+            if key.key_id == kid:
+                return key.key
+        # An unknown kid refetches the set at most once a minute: tokens with
+        # made-up kids must not turn the gateway into a load on the key server.
+        now = time.monotonic()
+        if now - self._jwks_refreshed < JWKS_REFRESH_MIN_S:
+            raise AuthError(f"no key {kid!r} in the key set")
+        self._jwks_refreshed = now
+        for key in self.jwks.get_signing_keys(refresh=True):
+            if key.key_id == kid:
+                return key.key
+        raise AuthError(f"no key {kid!r} in the key set")
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         sub, tenant, caps = claims.get("sub"), claims.get("tenant"), claims.get("caps", [])

@@ -190,8 +190,11 @@ async def test_jwks_url_picks_the_key_by_kid() -> None:
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
     body = json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "RS256", "use": "sig"}]}).encode()
 
+    fetches: list[str] = []
+
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            fetches.append(self.path)
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.end_headers()
@@ -221,9 +224,12 @@ async def test_jwks_url_picks_the_key_by_kid() -> None:
         )
         with pytest.raises(AuthError, match="signature"):
             await auth.verify(forged)
-        unknown = jwt.encode({"sub": "a"}, other, algorithm="RS256", headers={"kid": "nope"})
-        with pytest.raises(AuthError, match="key set"):
-            await auth.verify(unknown)
+        assert len(fetches) == 1  # cached
+        for i in range(5):
+            unknown = jwt.encode({"sub": "a"}, other, algorithm="RS256", headers={"kid": f"x{i}"})
+            with pytest.raises(AuthError, match="key set"):
+                await auth.verify(unknown)
+        assert len(fetches) == 2, "made-up kids refetch the key set at most once a minute"
     finally:
         server.shutdown()
         server.server_close()
