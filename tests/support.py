@@ -211,6 +211,8 @@ class Gateway(RelayProcess):
             "RELAY_GATEWAY_PORT": str(self.port),
             "RELAY_GATEWAY_PROBE_INTERVAL": "0.5",
             "RELAY_GATEWAY_PROBE_TIMEOUT": "1.0",
+            # Authentication is off unless a test turns it on (tests/integration/test_auth.py).
+            "RELAY_AUTH_MODE": "none",
             **(extra_env or {}),
         }
         super().__init__(["gateway"], env, log)
@@ -245,8 +247,10 @@ class Gateway(RelayProcess):
 class WsClient:
     """A WebSocket client that records every frame it receives."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **connect: Any) -> None:
         self.url = url
+        self._connect = connect
+        """Extra keyword arguments of ``websockets.connect`` (headers, subprotocols, origin)."""
         self.frames: list[dict[str, Any]] = []
         self.ws: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -254,7 +258,7 @@ class WsClient:
         self.close_code: int | None = None
 
     async def __aenter__(self) -> WsClient:
-        self.ws = await websockets.connect(self.url, max_size=None)
+        self.ws = await websockets.connect(self.url, max_size=None, **self._connect)
         self._task = asyncio.create_task(self._read())
         return self
 

@@ -64,6 +64,12 @@ class Metrics:
             ["type", "outcome"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            "relay_auth_failures",
+            "Refused tokens and origins (missing, invalid, origin)",
+            ["reason"],
+            registry=r,
+        )
         self.latency = Histogram(
             "relay_publish_to_send_seconds",
             "Time from the publish (Redis server clock) to the frame being written to a "
