@@ -43,8 +43,8 @@ from .connection import Connection
 from .guard import HttpRefusal, OriginGuard, require_json, rest_principal
 from .hub import Hub
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .sendqueue import SendTurns
 from .static import console_routes
-from .writer import SendTurns
 
 log = logging.getLogger(__name__)
 

@@ -48,9 +48,9 @@ from ..logs import LogOnce
 from .envelope import Envelope
 from .hub import HubUnavailable, TenantHub
 from .metrics import Metrics
-from .sendqueue import CLOSE_TRY_AGAIN_LATER, Begin, Reset, SendQueue
+from .sendqueue import CLOSE_TRY_AGAIN_LATER, Begin, Reset, SendQueue, SendTurns
 from .store import RequestStore
-from .writer import OrderedWriter, SendTurns, dumps
+from .writer import OrderedWriter, dumps
 
 log = logging.getLogger(__name__)
 log_once = LogOnce(log)
@@ -110,6 +110,7 @@ class Connection:
             gw.overflow_policy,
             metrics,
             max_lagged=gw.firehose_track_requests,
+            turns=turns,
         )
         self._subs: dict[str, _Sub] = {}
         self._firehose = False
@@ -125,7 +126,6 @@ class Connection:
             wants=self._wants,
             subscribed=self._subs.__contains__,
             runs=self._runs,
-            turns=turns,
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -171,6 +171,7 @@ class Connection:
                     self._internal_error("connection", failure)
                     # Never a silent TCP drop: the client learns why, and reconnects.
                     await self._close(CLOSE_INTERNAL_ERROR, "internal error")
+                self._queue.close()
                 self.metrics.connections.dec()
 
     async def _expire(self) -> None:

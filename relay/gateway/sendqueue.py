@@ -33,6 +33,30 @@ from .metrics import Metrics
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY_VIOLATION = 1008
 MAX_CONTROL_ITEMS = 1024
+FRAMES_PER_ROUND = 256
+"""Frames all writers with work together send before each yields once (a few ms
+of sends): about what a ping, a new connection or the probe waits for at most."""
+
+
+class SendTurns:
+    """Shares the event loop fairly between the writers of one process.
+
+    Counts the queues that hold something (the writers with work). Each writer
+    sends at most ``frames_per_round / that count`` frames (one at least)
+    before it yields, so one round of all of them stays near the same length
+    however many there are, while a lone busy writer still sends long runs
+    without paying for a yield per frame. Counting queues, not running
+    writers: writers run one after another within a round, so at any moment
+    only one of them is running, however many are waiting their turn.
+    """
+
+    def __init__(self, frames_per_round: int = FRAMES_PER_ROUND) -> None:
+        self.frames_per_round = frames_per_round
+        self.pending = 0
+
+    def quota(self) -> int:
+        """How many frames the current writer may send before yielding."""
+        return max(1, self.frames_per_round // max(1, self.pending))
 
 
 @dataclass(slots=True)
@@ -87,6 +111,7 @@ class SendQueue:
         policy: Literal["drop_oldest", "close"],
         metrics: Metrics,
         max_lagged: int = 4096,
+        turns: SendTurns | None = None,
     ) -> None:
         self.max_events = max_events
         self.max_lagged = max_lagged
@@ -97,6 +122,9 @@ class SendQueue:
         self._control: deque[tuple[int, Control]] = deque()
         self._counter = 0
         self.nbytes = 0
+        self.turns = turns or SendTurns()
+        self._holding = False
+        """Counted in ``turns.pending`` (holds at least one item)."""
         self.wake = asyncio.Event()
         """Set whenever something was added; the writer clears it before waiting."""
         self.lags: dict[str, Lag] = {}
@@ -116,6 +144,9 @@ class SendQueue:
         """Queue an event, applying the overflow policy when full."""
         if self.close_code is not None:
             return  # closing: the queue takes nothing more
+        if not self._holding:
+            self._holding = True
+            self.turns.pending += 1
         self._counter += 1
         self._events.append((self._counter, env))
         self.nbytes += env.nbytes
@@ -158,6 +189,9 @@ class SendQueue:
         """Queue a control item; never dropped, but bounded against command floods."""
         if self.close_code is not None:
             return
+        if not self._holding:
+            self._holding = True
+            self.turns.pending += 1
         self._counter += 1
         self._control.append((self._counter, item))
         if len(self._control) > MAX_CONTROL_ITEMS:
@@ -172,10 +206,26 @@ class SendQueue:
 
     def pop(self) -> Envelope | Control | None:
         """The oldest item of either kind, or None when empty."""
-        if self._events and (not self._control or self._events[0][0] < self._control[0][0]):
-            _, env = self._events.popleft()
+        events, control = self._events, self._control
+        if events and (not control or events[0][0] < control[0][0]):
+            _, env = events.popleft()
             self.nbytes -= env.nbytes
+            if not events and not control:
+                self._release_turn()
             return env
-        if self._control:
-            return self._control.popleft()[1]
+        if control:
+            item = control.popleft()[1]
+            if not events and not control:
+                self._release_turn()
+            return item
+        self._release_turn()
         return None
+
+    def _release_turn(self) -> None:
+        if self._holding:
+            self._holding = False
+            self.turns.pending -= 1
+
+    def close(self) -> None:
+        """The connection is done: it no longer waits for a turn."""
+        self._release_turn()

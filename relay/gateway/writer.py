@@ -8,10 +8,11 @@ end up here). History that no longer covers the gap yields
 ``resync_required`` instead of a silent hole. Dropped ranges recorded by the
 queue are announced (``lagged``) and refilled the same way.
 
-Writers take turns (:class:`SendTurns`): a send to a socket whose buffer has
-room does not suspend, so a writer with a full queue would otherwise hold the
-event loop for its whole queue, and with thousands of them pings, new
-connections and the delivery probe starve until the gateway looks dead.
+Writers take turns (:class:`~relay.gateway.sendqueue.SendTurns`): a send to a
+socket whose buffer has room does not suspend, so a writer with a full queue
+would otherwise hold the event loop for its whole queue, and with thousands
+of them pings, new connections and the delivery probe starve until the
+gateway looks dead.
 """
 
 from __future__ import annotations
@@ -29,15 +30,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ..config import GlobalConfig
 from .envelope import Envelope
 from .metrics import Metrics
-from .sendqueue import Begin, SendQueue
+from .sendqueue import Begin, SendQueue, SendTurns
 from .seqtrack import SeqTable, SeqTrack, Step
 from .store import HistoryGap, RequestStore
 
 log = logging.getLogger(__name__)
 
-FRAMES_PER_ROUND = 256
-"""Frames all busy writers together send before each yields once (about 5 ms of sends):
-what a ping, a new connection or the probe waits for at most."""
 LATENCY_SAMPLE = 8
 """One delivery in this many is timed for ``relay_publish_to_send_seconds``."""
 
@@ -45,25 +43,6 @@ LATENCY_SAMPLE = 8
 def dumps(obj: dict[str, Any]) -> str:
     """Compact JSON text of a control frame."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-
-
-class SendTurns:
-    """Shares the event loop fairly between the writers of one process.
-
-    Each writer sends at most ``frames_per_round / busy writers`` frames (one
-    at least) before it yields, so one round of all of them stays near the
-    same length however many there are, while a lone busy writer still sends
-    long runs without paying for a yield per frame. Counting frames rather
-    than reading a clock keeps the check off the per-delivery cost.
-    """
-
-    def __init__(self, frames_per_round: int = FRAMES_PER_ROUND) -> None:
-        self.frames_per_round = frames_per_round
-        self.busy = 0
-
-    def quota(self) -> int:
-        """How many frames the current writer may send before yielding."""
-        return max(1, self.frames_per_round // max(1, self.busy))
 
 
 class OrderedWriter:
@@ -80,7 +59,6 @@ class OrderedWriter:
         wants: Callable[[str], bool],
         subscribed: Callable[[str], bool],
         runs: set[str],
-        turns: SendTurns | None = None,
     ) -> None:
         self.ws = ws
         self.queue = queue
@@ -90,7 +68,7 @@ class OrderedWriter:
         """Whether the connection still wants events of a request."""
         self.runs = runs
         """Workflow runs the client chose (empty: all)."""
-        self.turns = turns or SendTurns()
+        self.turns: SendTurns = queue.turns
         # Unsubscribed (tenant-wide) tracks are evicted LRU-first; explicitly
         # subscribed ones never are.
         self.tracks = SeqTable(config.gateway.firehose_track_requests, subscribed)
@@ -115,7 +93,6 @@ class OrderedWriter:
         """Send queued items until cancelled or the client disconnects."""
         turns = self.turns
         queue = self.queue
-        turns.busy += 1
         try:
             self._quota = turns.quota()
             while True:
@@ -126,11 +103,7 @@ class OrderedWriter:
                         continue
                     self._flush_metrics()
                     queue.wake.clear()
-                    turns.busy -= 1
-                    try:
-                        await queue.wake.wait()
-                    finally:
-                        turns.busy += 1
+                    await queue.wake.wait()
                     self._quota = turns.quota()
                     continue
                 if isinstance(item, Envelope):
@@ -145,7 +118,6 @@ class OrderedWriter:
         except WebSocketDisconnect:
             return  # the client is gone; the connection releases everything
         finally:
-            turns.busy -= 1
             self._flush_metrics()
 
     def _flush_metrics(self) -> None:

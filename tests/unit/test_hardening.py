@@ -238,7 +238,8 @@ async def test_busy_writers_take_turns(fake_redis: fakeredis.FakeAsyncRedis) -> 
     starving every other client, pings and the delivery probe."""
     from relay.config import GlobalConfig
     from relay.gateway.store import RequestStore
-    from relay.gateway.writer import OrderedWriter, SendTurns
+    from relay.gateway.sendqueue import SendTurns
+    from relay.gateway.writer import OrderedWriter
     from relay.keys import Keys
 
     order: list[str] = []
@@ -254,7 +255,7 @@ async def test_busy_writers_take_turns(fake_redis: fakeredis.FakeAsyncRedis) -> 
     store = RequestStore(fake_redis, Keys())
     writers, tasks = [], []
     for name in ("a", "b"):
-        queue = SendQueue(1000, 1 << 24, "drop_oldest", Metrics())
+        queue = SendQueue(1000, 1 << 24, "drop_oldest", Metrics(), turns=turns)
         rid = str(uuid.uuid4())
         for seq in range(1, 201):
             queue.push_event(Envelope(rid, seq, "e", "agent_text_delta", "{}", nbytes=2))
@@ -267,7 +268,6 @@ async def test_busy_writers_take_turns(fake_redis: fakeredis.FakeAsyncRedis) -> 
             wants=lambda r: True,
             subscribed=lambda r: False,
             runs=set(),
-            turns=turns,
         )
         writers.append(writer)
         tasks.append(asyncio.create_task(writer.run()))
@@ -280,4 +280,59 @@ async def test_busy_writers_take_turns(fake_redis: fakeredis.FakeAsyncRedis) -> 
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     assert set(order[:20]) == {"a", "b"}, order[:20]
-    assert turns.busy == 0
+    assert turns.pending == 0
+
+
+async def test_turns_count_queues_with_work_not_running_writers(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    """Writers run one after another in a round, so only one of them is ever
+    running: the share must come from how many have work waiting, or each
+    writer thinks it is alone and drains its whole queue (a round of 300
+    writers then took seconds under overload)."""
+    from relay.config import GlobalConfig
+    from relay.gateway.sendqueue import SendTurns
+    from relay.gateway.store import RequestStore
+    from relay.gateway.writer import OrderedWriter
+    from relay.keys import Keys
+
+    order: list[int] = []
+
+    class Sink:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        async def send_text(self, text: str) -> None:
+            order.append(self.n)
+
+    turns = SendTurns(frames_per_round=256)
+    store = RequestStore(fake_redis, Keys())
+    writers, tasks = 300, []
+    for n in range(writers):
+        queue = SendQueue(100, 1 << 24, "drop_oldest", Metrics(), turns=turns)
+        rid = str(uuid.uuid4())
+        for seq in range(1, 11):
+            queue.push_event(Envelope(rid, seq, "e", "agent_text_delta", "{}", nbytes=2))
+        writer = OrderedWriter(
+            Sink(n),  # type: ignore[arg-type]
+            queue,
+            store,
+            GlobalConfig(),
+            Metrics(),
+            wants=lambda r: True,
+            subscribed=lambda r: False,
+            runs=set(),
+        )
+        tasks.append(asyncio.create_task(writer.run()))
+    assert turns.pending == writers
+    try:
+        async with asyncio.timeout(5):
+            while len(order) < writers * 10:
+                await asyncio.sleep(0.001)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    # The first round: one frame from each writer, not ten from a few.
+    assert len(set(order[:writers])) == writers
+    assert turns.pending == 0
