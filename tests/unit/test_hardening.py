@@ -237,8 +237,8 @@ async def test_busy_writers_take_turns(fake_redis: fakeredis.FakeAsyncRedis) -> 
     writer with a full queue would hold the event loop for its whole queue,
     starving every other client, pings and the delivery probe."""
     from relay.config import GlobalConfig
-    from relay.gateway.store import RequestStore
     from relay.gateway.sendqueue import SendTurns
+    from relay.gateway.store import RequestStore
     from relay.gateway.writer import OrderedWriter
     from relay.keys import Keys
 
