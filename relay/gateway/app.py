@@ -29,6 +29,7 @@ from ..config import GlobalConfig, load_config
 from .actions import Actions
 from .connection import Connection
 from .hub import Hub
+from .limits import HTTP_STATUS, Limits, read_body, subject_key
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .static import console_routes
 from .writer import SendTurns
@@ -44,6 +45,7 @@ class Services:
     metrics: Metrics
     actions: Actions
     turns: SendTurns
+    limits: Limits
 
 
 def _redis_clients(config: GlobalConfig) -> tuple[Redis, Redis, Redis]:
@@ -97,7 +99,13 @@ def services(scope_holder: Request | WebSocket) -> Services:
 async def events_ws(websocket: WebSocket) -> None:
     svc = services(websocket)
     conn = Connection(
-        websocket, svc.hub, svc.config, svc.metrics, svc.actions.execute, turns=svc.turns
+        websocket,
+        svc.hub,
+        svc.config,
+        svc.metrics,
+        svc.actions.execute,
+        turns=svc.turns,
+        limits=svc.limits,
     )
     await conn.run()
 
@@ -125,7 +133,7 @@ async def metrics(request: Request) -> Response:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    raw = await read_body(request, services(request).config.limits.max_body_bytes)  # limits
     if not raw:
         return {}
     # The same checks as a WebSocket frame (nesting depth, unpaired
@@ -134,8 +142,10 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 def _error(exc: CommandError) -> JSONResponse:
-    status = {"no_pending_decision": 409, "unavailable": 503}.get(exc.code, 400)
-    return JSONResponse(exc.frame(), status_code=status)
+    status = {"no_pending_decision": 409, "unavailable": 503, **HTTP_STATUS}.get(exc.code, 400)
+    # limits: an over-limit body may be partly unread; the connection is not reused.
+    headers = {"connection": "close"} if status == 413 else None
+    return JSONResponse(exc.frame(), status_code=status, headers=headers)
 
 
 async def cancel_route(request: Request) -> Response:
@@ -143,6 +153,7 @@ async def cancel_route(request: Request) -> Response:
     try:
         body = await _json_body(request)
         command = {**body, "type": "cancel_agent", "agent_id": request.path_params["target_id"]}
+        svc.limits.check_cancel(subject_key(None, request.client))  # limits: cancels per subject
         reply = await svc.actions.execute_raw(command)
     except CommandError as exc:
         return _error(exc)
@@ -177,7 +188,9 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         registry = Metrics()
         hub = Hub(cfg, commands, pubsub, registry, control=control)
         actions = Actions(cfg, commands, registry)
-        app.state.services = Services(cfg, commands, hub, registry, actions, SendTurns())
+        app.state.services = Services(
+            cfg, commands, hub, registry, actions, SendTurns(), Limits.of(cfg)
+        )
         await hub.start()
         try:
             yield

@@ -39,6 +39,7 @@ from ..config import GlobalConfig
 from ..logs import LogOnce
 from .envelope import Envelope
 from .hub import Hub, HubUnavailable
+from .limits import CLOSE_POLICY_VIOLATION, Limits, subject_key
 from .metrics import Metrics
 from .sendqueue import CLOSE_TRY_AGAIN_LATER, Begin, Reset, SendQueue
 from .store import RequestStore
@@ -78,8 +79,13 @@ class Connection:
         metrics: Metrics,
         handler: CommandHandler,
         turns: SendTurns | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.ws = websocket
+        self.subject: str | None = None
+        """The token subject (set by authentication); limits fall back to the peer address."""
+        self.process_limits = limits or Limits.of(config)  # limits: per process and subject
+        self.limits = self.process_limits.for_connection()  # limits: per connection
         self.hub = hub
         self.store: RequestStore = hub.store
         self.config = config
@@ -108,12 +114,19 @@ class Connection:
             subscribed=self._subs.__contains__,
             runs=self._runs,
             turns=turns,
+            replay_budget=self.limits.spend_replay,  # limits: replay volume
         )
 
     # ---------------------------------------------------------------- lifecycle
 
     async def run(self) -> None:
         """Accept, serve until the client leaves, then release everything."""
+        # limits: connections per process and per subject (over a cap: 1013)
+        limit_key = subject_key(self.subject, self.ws.client)
+        if (refusal := self.process_limits.admit(limit_key)) is not None:
+            await self.ws.accept()
+            await self._close(CLOSE_TRY_AGAIN_LATER, refusal)
+            return
         await self.ws.accept()
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
@@ -146,6 +159,7 @@ class Connection:
                     # Never a silent TCP drop: the client learns why, and reconnects.
                     await self._close(CLOSE_INTERNAL_ERROR, "internal error")
                 self.metrics.connections.dec()
+                self.process_limits.release(limit_key)  # limits
 
     async def _serve(self) -> None:
         if await self._start_from_query():
@@ -260,6 +274,12 @@ class Connection:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            if (refused := self.limits.frame(message)) is not None:  # limits: command rate
+                if refused.frame is None:
+                    await self._close(CLOSE_POLICY_VIOLATION, "rate limit ignored")
+                    return
+                self._reply(refused.frame)
+                continue
             text = message.get("text")
             if text is None:
                 data = message.get("bytes") or b""
@@ -331,10 +351,14 @@ class Connection:
             if command.command_id is None:
                 return None
             return {"type": "workflow_unsubscribed", "run_id": str(command.run_id)}
+        if command.type == "cancel_agent":  # limits: cancels per subject
+            self.process_limits.check_cancel(subject_key(self.subject, self.ws.client))
         return await self.handler(command)
 
     async def _subscribe(self, cmd: Subscribe) -> None:
         rid = str(cmd.request_id)
+        if cmd.after_seq is not None and not cmd.snapshot:  # limits: replay volume
+            self.limits.check_replay()
         limit = self.config.gateway.max_subscriptions
         if rid not in self._subs and len(self._subs) >= limit:
             raise CommandError(
