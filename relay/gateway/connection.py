@@ -39,7 +39,7 @@ from ..config import GlobalConfig
 from ..logs import LogOnce
 from .envelope import Envelope
 from .hub import Hub, HubUnavailable
-from .limits import CLOSE_POLICY_VIOLATION, Limits, subject_key
+from .limits import CLOSE_POLICY_VIOLATION, Limits, flush, subject_key
 from .metrics import Metrics
 from .sendqueue import CLOSE_TRY_AGAIN_LATER, Begin, Reset, SendQueue
 from .store import RequestStore
@@ -276,6 +276,7 @@ class Connection:
                 return
             if (refused := self.limits.frame(message)) is not None:  # limits: command rate
                 if refused.frame is None:
+                    await flush(self._queue)
                     await self._close(CLOSE_POLICY_VIOLATION, "rate limit ignored")
                     return
                 self._reply(refused.frame)

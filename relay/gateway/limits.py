@@ -14,6 +14,7 @@ connection is authenticated (``Connection.subject``), else the peer address
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict
@@ -25,6 +26,7 @@ from starlette.requests import Request
 
 from ..commands import CommandError, CommandId, load_object
 from ..config import GlobalConfig, LimitsConfig
+from .sendqueue import SendQueue
 
 RATE_LIMITED = "rate_limited"
 """The error code of every rate limit (WebSocket error frame; HTTP 429)."""
@@ -267,6 +269,19 @@ def _command_id(message: Mapping[str, Any]) -> CommandId | None:
     return cid
 
 
+FLUSH_BEFORE_CLOSE_S = 1.0
+"""How long the refusals already queued may take to go out before a 1008 close."""
+
+
+async def flush(queue: SendQueue, timeout: float = FLUSH_BEFORE_CLOSE_S) -> None:
+    """Wait (bounded) until ``queue`` is empty: the client sees why it is closed."""
+    deadline = time.monotonic() + timeout
+    # Polled: the writer signals nothing when it empties, and this runs once
+    # per connection that is being closed for ignoring the rate limit.
+    while not queue.idle() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+
+
 class BodyTooLarge(CommandError):
     """A REST body over ``limits.max_body_bytes`` (HTTP 413)."""
 
@@ -310,6 +325,7 @@ __all__ = [
     "RateLimited",
     "Refusal",
     "TokenBucket",
+    "flush",
     "read_body",
     "subject_key",
 ]
