@@ -151,10 +151,11 @@ class LimitsConfig(_Section):
     fragment would pass it is closed with 1013."""
     max_body_bytes: PositiveInt = 64 * 1024
     """Largest REST request body, read incrementally; larger: 413 before parsing."""
-    command_rate: PositiveFloat = 20.0
+    command_rate: PositiveFloat = 50.0
     """Frames per second a connection may send (a token bucket)..."""
-    command_burst: PositiveInt = 60
-    """...with this many at once; over it: ``rate_limited`` error frames."""
+    command_burst: PositiveInt = 300
+    """...with this many at once (more than ``max_subscriptions``: a client may
+    subscribe to all its requests at once); over it: ``rate_limited`` error frames."""
     rate_limit_strikes: PositiveInt = 100
     """Frames refused in a row after which the connection is closed 1008."""
     cancels_per_minute: PositiveInt = 120
