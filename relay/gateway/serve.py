@@ -20,8 +20,10 @@ messages (fragments per message, and unfinished bytes per process).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import logging
+import resource
 from collections import OrderedDict
 from typing import Any
 
@@ -272,9 +274,39 @@ def uvicorn_config(config: GlobalConfig) -> uvicorn.Config:
     )
 
 
+def check_descriptors(config: GlobalConfig) -> int:
+    """Raise the open-file limit to what ``[limits]`` needs, if allowed; warn when it cannot.
+
+    The connection caps only protect the gateway if they are reached before
+    the descriptor limit: at that limit ``accept`` fails and nothing is served,
+    /readyz included. Returns the soft limit in force.
+    """
+    need = (
+        config.limits.max_connections
+        + config.limits.max_pending_heads
+        + config.redis.max_connections
+        + 64  # pub/sub, control pool, listening socket, logs, the interpreter
+    )
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "open-file limit %d is below what limits.max_connections + "
+            "limits.max_pending_heads need (%d): lower them or raise `ulimit -n`",
+            soft,
+            need,
+        )
+    return soft
+
+
 def run_gateway(config: GlobalConfig) -> None:
     """Serve until SIGINT or SIGTERM."""
+    check_descriptors(config)
     uvicorn.Server(uvicorn_config(config)).run()
 
 
-__all__ = ["http_protocol", "run_gateway", "uvicorn_config", "ws_protocol"]
+__all__ = ["check_descriptors", "http_protocol", "run_gateway", "uvicorn_config", "ws_protocol"]

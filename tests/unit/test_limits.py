@@ -155,3 +155,21 @@ def test_max_subscriptions_keeps_its_old_name() -> None:
                 "RELAY_GATEWAY_MAX_SUBSCRIPTIONS": "8",
             }
         )
+
+
+def test_the_descriptor_limit_is_raised_or_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    import resource
+
+    from relay.gateway.serve import check_descriptors
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        low = load_config(environ={"RELAY_LIMITS_MAX_CONNECTIONS": "100"})
+        assert check_descriptors(low) >= 100 + 1024 + 64 + 64
+        if hard != resource.RLIM_INFINITY:
+            beyond = load_config(environ={"RELAY_LIMITS_MAX_CONNECTIONS": str(hard * 2)})
+            with caplog.at_level("WARNING"):
+                check_descriptors(beyond)
+            assert "open-file limit" in caplog.text
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
