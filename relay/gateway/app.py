@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -143,9 +144,13 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 def _error(exc: CommandError) -> JSONResponse:
     status = {"no_pending_decision": 409, "unavailable": 503, **HTTP_STATUS}.get(exc.code, 400)
-    # limits: an over-limit body may be partly unread; the connection is not reused.
-    headers = {"connection": "close"} if status == 413 else None
-    return JSONResponse(exc.frame(), status_code=status, headers=headers)
+    # limits: an over-limit body may be partly unread, so the connection is not
+    # reused; a rate-limited caller is told when to retry.
+    frame = exc.frame()
+    headers = {"connection": "close"} if status == 413 else {}
+    if status == 429:
+        headers["retry-after"] = str(math.ceil(frame.get("retry_after", 1)))
+    return JSONResponse(frame, status_code=status, headers=headers)
 
 
 async def cancel_route(request: Request) -> Response:

@@ -127,7 +127,11 @@ class Connection:
             await self.ws.accept()
             await self._close(CLOSE_TRY_AGAIN_LATER, refusal)
             return
-        await self.ws.accept()
+        try:
+            await self.ws.accept()
+        except BaseException:
+            self.process_limits.release(limit_key)  # limits: the peer left during the handshake
+            raise
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
         writer = asyncio.create_task(self._writer.run(), name="relay-conn-writer")

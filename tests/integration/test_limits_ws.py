@@ -218,6 +218,7 @@ async def test_cancel_flood_is_capped_per_subject(
                 _post, gw, f"/api/v1/agents/{uuid.uuid4()}/cancel", "10.0.0.7"
             )
             assert status == 429 and body["code"] == "rate_limited", (status, body)
+            assert body["retry_after"] > 0
             status, body = await asyncio.to_thread(
                 _post, gw, f"/api/v1/agents/{uuid.uuid4()}/cancel", "10.0.0.8"
             )
