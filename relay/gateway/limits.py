@@ -144,11 +144,11 @@ class Limits:
         return entry
 
     def _evict(self) -> None:
-        for key, entry in list(self._subjects.items()):
-            if len(self._subjects) <= self.config.max_tracked_subjects:
-                return
-            if entry.connections == 0:
-                del self._subjects[key]
+        # The oldest idle entry goes; at most max_connections entries with open
+        # connections are skipped on the way, and nothing is copied.
+        victim = next((k for k, e in self._subjects.items() if e.connections == 0), None)
+        if victim is not None:
+            del self._subjects[victim]
 
     # ---------------------------------------------------------------- connections
 
