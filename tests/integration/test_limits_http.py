@@ -100,7 +100,8 @@ async def test_idle_sockets_beyond_the_pending_cap_are_dropped_oldest_first(
         for _, writer in socks:
             writer.close()
     print(
-        f"\nidle sockets x300 (cap 50): gateway held {held}; bystander ping median "
+        f"\nidle sockets x300 (cap 50): gateway held {held}; rss {rss_mb(gw):.0f} MB; "
+        "bystander ping median "
         f"{seen.median_ms:.1f} ms, worst {seen.worst_ms:.1f} ms"
     )
 
@@ -155,7 +156,10 @@ async def test_long_urls_and_heads_are_answered_not_held(
             assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (name, answer[:80])
             assert took < 2.0, (name, took)
     assert gw.output().count("\n") < 20, gw.output()[-2000:]
-    print(f"\nlong URL/head cases answered; bystander worst ping {seen.worst_ms:.1f} ms")
+    print(
+        f"\nlong URL/head cases answered at once; rss {rss_mb(gw):.0f} MB; "
+        f"bystander worst ping {seen.worst_ms:.1f} ms"
+    )
 
 
 def _post_stream(port: int, path: str, size: int, chunked: bool) -> tuple[bytes, int]:

@@ -177,6 +177,7 @@ async def test_command_flood_is_rate_limited_then_closed_1008(
             assert not polite.of_type("error")
     print(
         f"\ncommand flood: {len(pongs)} answered, {len(limited)} rate_limited, then 1008; "
+        f"rss {rss_mb(gw):.0f} MB; "
         f"bystander ping median {seen.median_ms:.1f} ms, worst {seen.worst_ms:.1f} ms"
     )
 
@@ -229,6 +230,7 @@ async def test_cancel_flood_is_capped_per_subject(
         r.close()
     print(
         f"\ncancel flood: 1000 in {took:.2f}s -> 30 tombstones, 970 rate_limited; "
+        f"rss {rss_mb(gw):.0f} MB; "
         f"bystander ping median {seen.median_ms:.1f} ms, worst {seen.worst_ms:.1f} ms"
     )
 
@@ -286,6 +288,7 @@ async def test_replay_volume_is_capped_per_connection(
             assert not resumed.of_type("resync_required") and not resumed.of_type("error")
     print(
         f"\nreplay: after_seq=0 of 3000 x 1 KB cut after {len(got)} events (1 MiB/min), "
-        f"again -> rate_limited; resume of 200 served; bystander ping median "
+        f"again -> rate_limited; resume of 200 served; rss {rss_mb(gw):.0f} MB; "
+        "bystander ping median "
         f"{seen.median_ms:.1f} ms, worst {seen.worst_ms:.1f} ms"
     )
