@@ -17,7 +17,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .keys import validate_tenant
 
@@ -185,6 +192,55 @@ class LogConfig(_Section):
     format: Literal["text", "json"] = "text"
 
 
+class LimitsConfig(_Section):
+    """What one client may cost a gateway; every limit has a default a deployment can raise.
+
+    See docs/DEPLOYMENT.md (sizing) and docs/PROTOCOL.md (the codes a client sees).
+    """
+
+    max_connections: PositiveInt = 10_000
+    """WebSocket connections per gateway process; over it: accept, then close 1013."""
+    max_connections_per_subject: PositiveInt = 256
+    """Per token subject (the peer address until auth gives a subject); over it: 1013."""
+    header_timeout: PositiveFloat = 10.0
+    """Seconds to receive a request line and all headers, from the connection (or the
+    end of the previous response); then the socket is closed (408 if a request began)."""
+    max_url_bytes: Annotated[int, Field(ge=256)] = 8192
+    """Longest request target (path and query); longer: 414."""
+    max_header_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024
+    """Largest request head (request line and headers); larger: 431."""
+    max_pending_heads: PositiveInt = 1024
+    """Sockets per process still sending their request head; over it the oldest is
+    closed, so a slowloris crowd cannot reach the descriptor limit."""
+    max_ws_message_bytes: PositiveInt = 128 * 1024
+    """Hard ceiling of one WebSocket message, unfinished fragments included: larger
+    closes with 1009 (messages over ``gateway.max_message_bytes`` and up to this
+    are answered with ``frame_too_large``). Raised to that value when set lower."""
+    max_message_fragments: PositiveInt = 64
+    """Frames one WebSocket message may be split into; more: close 1009."""
+    max_fragment_buffer_bytes: PositiveInt = 32 * 1024 * 1024
+    """Bytes of unfinished fragmented messages per process; the connection whose
+    fragment would pass it is closed with 1013."""
+    max_body_bytes: PositiveInt = 64 * 1024
+    """Largest REST request body, read incrementally; larger: 413 before parsing."""
+    command_rate: PositiveFloat = 50.0
+    """Frames per second a connection may send (a token bucket)..."""
+    command_burst: PositiveInt = 300
+    """...with this many at once (more than ``max_subscriptions``: a client may
+    subscribe to all its requests at once); over it: ``rate_limited`` error frames."""
+    rate_limit_strikes: PositiveInt = 100
+    """Frames refused in a row after which the connection is closed 1008."""
+    cancels_per_minute: PositiveInt = 120
+    """Cancels per subject (WebSocket and REST together) per minute; over it: rate_limited / 429."""
+    replay_bytes_per_minute: PositiveInt = 32 * 1024 * 1024
+    """History bytes replayed to one connection per minute (resumes and refills)."""
+    max_subscriptions: PositiveInt = 256
+    """Requests (and workflow runs) one connection may subscribe to; also
+    readable as ``gateway.max_subscriptions`` (the older name, still accepted)."""
+    max_tracked_subjects: PositiveInt = 100_000
+    """Per-subject counters kept per process (oldest idle ones forgotten first)."""
+
+
 class GlobalConfig(_Section):
     """All of relay's settings. Build it with :func:`load_config`."""
 
@@ -195,6 +251,33 @@ class GlobalConfig(_Section):
     budget: BudgetConfig = BudgetConfig()
     auth: AuthConfig = AuthConfig()
     log: LogConfig = LogConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _subscriptions_alias(cls, data: Any) -> Any:
+        # gateway.max_subscriptions is the older name of limits.max_subscriptions:
+        # either may be set, and both then read the same value.
+        if not isinstance(data, dict):
+            return data
+        gateway, limits = data.get("gateway"), data.get("limits")
+        if not isinstance(gateway, dict | type(None)) or not isinstance(limits, dict | type(None)):
+            return data  # not tables: let validation name the key
+        old = (gateway or {}).get("max_subscriptions")
+        new = (limits or {}).get("max_subscriptions")
+        if old is not None and new is not None and str(old) != str(new):
+            raise ValueError(
+                "gateway.max_subscriptions and limits.max_subscriptions differ; "
+                "set limits.max_subscriptions only"
+            )
+        value = new if new is not None else old
+        if value is None:
+            return data
+        return {
+            **data,
+            "gateway": {**(gateway or {}), "max_subscriptions": value},
+            "limits": {**(limits or {}), "max_subscriptions": value},
+        }
 
 
 SECTIONS: tuple[str, ...] = tuple(GlobalConfig.model_fields)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ from .actions import Actions
 from .connection import Connection
 from .guard import HttpRefusal, OriginGuard, require_json, rest_principal
 from .hub import Hub
+from .limits import HTTP_STATUS, Limits, read_body, subject_key
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .sendqueue import SendTurns
 from .static import console_routes
@@ -62,6 +64,7 @@ class Services:
     auth: Authenticator
     anonymous: Principal
     """Every client's principal while auth is off."""
+    limits: Limits
 
     async def principal(self, request: Request) -> Principal:
         """Who a REST call acts for (:class:`HttpRefusal` 401 without a valid token)."""
@@ -143,6 +146,7 @@ async def events_ws(websocket: WebSocket) -> None:
         principal=principal,
         auth=svc.auth,
         subprotocol=chosen,
+        limits=svc.limits,
     )
     await conn.run()
 
@@ -174,7 +178,7 @@ async def metrics(request: Request) -> Response:
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    raw = await read_body(request, services(request).config.limits.max_body_bytes)  # limits
     if not raw:
         return {}
     # The same checks as a WebSocket frame (nesting depth, unpaired
@@ -183,8 +187,15 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 def _error(exc: CommandError) -> JSONResponse:
-    status = {"no_pending_decision": 409, "unavailable": 503, "forbidden": 403}.get(exc.code, 400)
-    return JSONResponse(exc.frame(), status_code=status)
+    codes = {"no_pending_decision": 409, "unavailable": 503, "forbidden": 403, **HTTP_STATUS}
+    status = codes.get(exc.code, 400)
+    # limits: an over-limit body may be partly unread, so the connection is not
+    # reused; a rate-limited caller is told when to retry.
+    frame = exc.frame()
+    headers = {"connection": "close"} if status == 413 else {}
+    if status == 429:
+        headers["retry-after"] = str(math.ceil(frame.get("retry_after", 1)))
+    return JSONResponse(frame, status_code=status, headers=headers)
 
 
 async def cancel_route(request: Request) -> Response:
@@ -194,6 +205,8 @@ async def cancel_route(request: Request) -> Response:
         principal = await svc.principal(request)
         body = await _json_body(request)
         command = {**body, "type": "cancel_agent", "agent_id": request.path_params["target_id"]}
+        # limits: cancels per subject
+        svc.limits.check_cancel(subject_key(principal.sub, request.client))
         reply = await svc.actions.execute_raw(command, principal)
     except HttpRefusal as refusal:
         return refusal.response()
@@ -244,7 +257,15 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         hub = Hub(cfg, commands, pubsub, registry, control=control)
         actions = Actions(cfg, commands, registry)
         app.state.services = Services(
-            cfg, commands, hub, registry, actions, SendTurns(), auth, anonymous_principal(cfg)
+            cfg,
+            commands,
+            hub,
+            registry,
+            actions,
+            SendTurns(),
+            auth,
+            anonymous_principal(cfg),
+            Limits.of(cfg),
         )
         await hub.start()
         try:

@@ -47,6 +47,7 @@ from ..config import GlobalConfig
 from ..logs import LogOnce
 from .envelope import Envelope
 from .hub import HubUnavailable, TenantHub
+from .limits import CLOSE_POLICY_VIOLATION, Limits, flush, subject_key
 from .metrics import Metrics
 from .sendqueue import CLOSE_TRY_AGAIN_LATER, Begin, Reset, SendQueue, SendTurns
 from .store import RequestStore
@@ -90,8 +91,11 @@ class Connection:
         principal: Principal | None = None,
         auth: Authenticator | None = None,
         subprotocol: str | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.ws = websocket
+        self.process_limits = limits or Limits.of(config)  # limits: per process and subject
+        self.limits = self.process_limits.for_connection()  # limits: per connection
         self.hub = hub
         """The routing of the principal's tenant: no other tenant's events reach it."""
         self.principal = principal or anonymous_principal(config)
@@ -126,6 +130,7 @@ class Connection:
             wants=self._wants,
             subscribed=self._subs.__contains__,
             runs=self._runs,
+            replay_budget=self.limits.spend_replay,  # limits: replay volume
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -137,7 +142,17 @@ class Connection:
 
     async def run(self) -> None:
         """Accept, serve until the client leaves, then release everything."""
-        await self.ws.accept(subprotocol=self._subprotocol)
+        # limits: connections per process and per subject (over a cap: 1013)
+        limit_key = subject_key(self.subject, self.ws.client)
+        if (refusal := self.process_limits.admit(limit_key)) is not None:
+            await self.ws.accept(subprotocol=self._subprotocol)
+            await self._close(CLOSE_TRY_AGAIN_LATER, refusal)
+            return
+        try:
+            await self.ws.accept(subprotocol=self._subprotocol)
+        except BaseException:
+            self.process_limits.release(limit_key)  # limits: the peer left during the handshake
+            raise
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
         writer = asyncio.create_task(self._writer.run(), name="relay-conn-writer")
@@ -173,6 +188,7 @@ class Connection:
                     await self._close(CLOSE_INTERNAL_ERROR, "internal error")
                 self._queue.close()
                 self.metrics.connections.dec()
+                self.process_limits.release(limit_key)  # limits
 
     async def _expire(self) -> None:
         """Close with 4001 when the token expires, unless a ``refresh`` replaced it first."""
@@ -306,6 +322,13 @@ class Connection:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            if (refused := self.limits.frame(message)) is not None:  # limits: command rate
+                if refused.frame is None:
+                    await flush(self._queue)
+                    await self._close(CLOSE_POLICY_VIOLATION, "rate limit ignored")
+                    return
+                self._reply(refused.frame)
+                continue
             text = message.get("text")
             if text is None:
                 data = message.get("bytes") or b""
@@ -380,6 +403,8 @@ class Connection:
             if command.command_id is None:
                 return None
             return {"type": "workflow_unsubscribed", "run_id": str(command.run_id)}
+        if command.type == "cancel_agent":  # limits: cancels per subject
+            self.process_limits.check_cancel(subject_key(self.subject, self.ws.client))
         return await self.handler(command, self.principal)
 
     async def _refresh(self, token: str) -> dict[str, Any]:
@@ -407,6 +432,8 @@ class Connection:
     async def _subscribe(self, cmd: Subscribe) -> None:
         rid = str(cmd.request_id)
         self.principal.require("view", rid)
+        if cmd.after_seq is not None and not cmd.snapshot:  # limits: replay volume
+            self.limits.check_replay()
         limit = self.config.gateway.max_subscriptions
         if rid not in self._subs and len(self._subs) >= limit:
             raise CommandError(

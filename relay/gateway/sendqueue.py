@@ -140,6 +140,10 @@ class SendQueue:
     def __len__(self) -> int:
         return len(self._events)
 
+    def idle(self) -> bool:
+        """Nothing is queued, neither events nor control items."""
+        return not self._events and not self._control
+
     def push_event(self, env: Envelope) -> None:
         """Queue an event, applying the overflow policy when full."""
         if self.close_code is not None:

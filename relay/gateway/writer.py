@@ -59,6 +59,7 @@ class OrderedWriter:
         wants: Callable[[str], bool],
         subscribed: Callable[[str], bool],
         runs: set[str],
+        replay_budget: Callable[[int], bool] | None = None,
     ) -> None:
         self.ws = ws
         self.queue = queue
@@ -69,6 +70,8 @@ class OrderedWriter:
         self.runs = runs
         """Workflow runs the client chose (empty: all)."""
         self.turns: SendTurns = queue.turns
+        self.replay_budget = replay_budget
+        """Charged each replayed event's bytes; False: this minute's replay is spent."""
         # Unsubscribed (tenant-wide) tracks are evicted LRU-first; explicitly
         # subscribed ones never are.
         self.tracks = SeqTable(config.gateway.firehose_track_requests, subscribed)
@@ -238,6 +241,15 @@ class OrderedWriter:
                 for env in batch:
                     if env.seq <= (track.last or 0):
                         continue
+                    if self.replay_budget is not None and not self.replay_budget(env.nbytes):
+                        # limits.replay_bytes_per_minute: stop here and say so;
+                        # the client resubscribes with a snapshot (or later).
+                        frame = self.resync(
+                            rid, track.epoch, "replay_limited", last_seq=until, next_seq=env.seq
+                        )
+                        track.last = until
+                        await self._send(dumps(frame))
+                        return
                     await self._send_frame(env)
                     self.metrics.replayed.inc()
                     track.last = env.seq

@@ -39,6 +39,7 @@ class FakeWebSocket:
         self.query_params = QueryParams(query)
         self.application_state = WebSocketState.CONNECTING
         self.close_code: int | None = None
+        self.client = None  # no peer address: per-subject limits key on "ip:unknown"
 
     async def accept(self, subprotocol: str | None = None) -> None:
         self.application_state = WebSocketState.CONNECTED
