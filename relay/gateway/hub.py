@@ -94,7 +94,7 @@ class Hub:
             pubsub_redis,
             metrics,
             self,
-            probe_channel(self.gateway_id),
+            probe_channel(self.keys.tenant, self.gateway_id),
             self.log,
         )
         self.backfills = Backfills(self.store, self, metrics, self.log)
