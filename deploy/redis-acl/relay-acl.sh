@@ -68,9 +68,11 @@ case "$role" in
     cmds+=" +xrange +zrangebyscore +zrevrangebyscore +zrevrange"
     cmds+=" +set +del +hset +rpush +expire +multi +exec +discard +evalsha +script|load"
     keys="" chans="" pubs=""
+    # A pattern must grant every permission a command needs on a key (SET ...
+    # GET reads and writes), hence %RW, not %W, on what a gateway writes.
     for t in "$@"; do
-      keys+=" %R~relay:$t:* %W~relay:$t:cancel:* %W~relay:$t:req:*:pending"
-      keys+=" %W~relay:$t:req:*:decided %W~relay:$t:req:*:decision %W~relay:$t:req:*:epoch"
+      keys+=" %R~relay:$t:* %RW~relay:$t:cancel:* %RW~relay:$t:req:*:pending"
+      keys+=" %RW~relay:$t:req:*:decided %RW~relay:$t:req:*:decision %RW~relay:$t:req:*:epoch"
       chans+=" &relay:$t:*"
       pubs+=" &relay:$t:cancels &relay:$t:probe:*"
     done
