@@ -9,14 +9,17 @@ The certificates are throwaway ones made by tests/tlscerts.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
 import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,7 +104,7 @@ class TlsRedis:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, admin: RedisConfig) -> TlsRedis:
+    def start(self, admin: Callable[[], redis_sync.Redis]) -> TlsRedis:
         args = [
             REDIS_SERVER,
             "--port", "0",
@@ -122,7 +125,7 @@ class TlsRedis:
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def ping() -> bool:
-            client = redisconn.sync_client(admin, socket_timeout=1.0)
+            client = admin()
             try:
                 return bool(client.ping())
             finally:
@@ -181,7 +184,17 @@ class Secure:
         }
 
     def admin(self) -> redis_sync.Redis:
-        return redisconn.sync_client(self.config("admin"), socket_timeout=5.0)
+        """An admin client built without relay's code, so it works whatever relay does."""
+        return redis_sync.Redis(
+            port=self.redis.port,
+            username="admin",
+            password=self.users["admin"],
+            ssl=True,
+            ssl_ca_certs=str(self.pki.ca.cert),
+            ssl_certfile=str(self.pki.client.cert),
+            ssl_keyfile=str(self.pki.client.key),
+            socket_timeout=5.0,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +225,7 @@ def secure(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Secur
     aclfile.write_text("\n".join(lines) + "\n")
     server = TlsRedis(workdir, pki.ca, pki.server, aclfile=aclfile)
     state = Secure(server, pki, users)
-    server.start(state.config("admin"))
+    server.start(state.admin)
     yield state
     server.stop()
 
@@ -223,7 +236,11 @@ def rogue(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[TlsRed
     server = TlsRedis(
         tmp_path_factory.mktemp("rogue-redis"), pki.rogue_ca, pki.rogue_server, auth_clients=False
     )
-    server.start(RedisConfig(url=server.url(), tls_ca_file=str(pki.rogue_ca.cert)))
+    server.start(
+        lambda: redis_sync.Redis(
+            port=server.port, ssl=True, ssl_ca_certs=str(pki.rogue_ca.cert), socket_timeout=5.0
+        )
+    )
     yield server
     server.stop()
 
@@ -325,14 +342,24 @@ async def test_gateway_and_orchestrator_work_over_tls_as_their_acl_users(
     admin.close()
 
 
-async def test_relay_publish_cli_uses_the_tls_settings(secure: Secure) -> None:
+async def test_the_cli_uses_the_tls_settings_and_acl_users(secure: Secure) -> None:
     rid = str(uuid.uuid4())
     event = f'{{"type":"synthesis_started","request_id":"{rid}"}}'
     done = relay_cli(["publish", rid, event], secure.env("relay-orch-acme"))
     assert (done.returncode, done.stdout.strip()) == (0, "1"), done.stderr
+    # The operator commands run as the gateway user (they do what a gateway does).
+    done = relay_cli(["cancel", rid, "--reason", "from the CLI"], secure.env("relay-gw-acme"))
+    assert done.returncode == 0, done.stderr
     admin = secure.admin()
     assert admin.exists(f"relay:acme:req:{{{rid}}}:history")
+    assert admin.exists(f"relay:acme:cancel:{{{rid}}}")
     admin.close()
+    # And a Redis error names the server without the password.
+    env = {**secure.env("relay-gw-acme"), "RELAY_REDIS_TENANT": "beta"}
+    done = relay_cli(["cancel", rid], env)
+    assert done.returncode == 1
+    assert "rediss://relay-gw-acme:***@127.0.0.1" in done.stderr, done.stderr
+    assert secure.users["relay-gw-acme"] not in done.stderr
 
 
 # ---------------------------------------------------------------- what the ACL forbids
@@ -505,12 +532,32 @@ async def test_verification_off_connects_and_warns_loudly(
 # ---------------------------------------------------------------- socket timeout
 
 
-def test_relay_publish_honours_the_socket_timeout(tmp_path: Path) -> None:
+def test_relay_publish_honours_the_socket_timeout() -> None:
     """A Redis that accepts but never answers: ``relay publish`` gives up after
-    ``RELAY_REDIS_SOCKET_TIMEOUT`` instead of hanging."""
+    ``RELAY_REDIS_SOCKET_TIMEOUT`` (0.3 s here), not after redis-py's default (5 s).
+
+    Timed on the server side, from the first connection accepted to the last one
+    closed, so the interpreter's start-up does not count.
+    """
+    held: list[float] = []
+
+    def serve(listener: socket.socket) -> None:
+        first: float | None = None
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                first = first or time.monotonic()
+                with conn:
+                    while conn.recv(4096):  # read the command, never answer it
+                        pass
+                held.append(time.monotonic() - first)
+
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
-        silent.listen(16)  # connections complete in the backlog; nothing is ever read
+        silent.listen(16)
+        silent.settimeout(30)
+        thread = threading.Thread(target=serve, args=(silent,), daemon=True)
+        thread.start()
         port = silent.getsockname()[1]
         rid = str(uuid.uuid4())
         done = relay_cli(
@@ -520,7 +567,10 @@ def test_relay_publish_honours_the_socket_timeout(tmp_path: Path) -> None:
                 "RELAY_REDIS_SOCKET_TIMEOUT": "0.3",
                 "RELAY_REDIS_PUBLISH_RETRY_SECONDS": "0",
             },
-            timeout=20,
+            timeout=30,
         )
+        silent.shutdown(socket.SHUT_RDWR)
+    thread.join(10)
     assert done.returncode == 1, done
     assert "Timeout" in done.stderr, done.stderr
+    assert held and held[-1] < 2.0, held
