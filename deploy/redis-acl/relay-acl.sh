@@ -104,7 +104,7 @@ case "$role" in
     ;;
 esac
 
-rules="on #$hash resetkeys resetchannels -@all $cmds$keys$chans"
+rules="on #$hash sanitize-payload resetkeys resetchannels -@all $cmds$keys$chans"
 if [[ $setuser -eq 1 ]]; then
   echo "ACL SETUSER $user reset $rules \"$selector\""
 else

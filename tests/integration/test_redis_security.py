@@ -33,7 +33,15 @@ from relay.budget import BudgetState, BudgetStatus, RequestBudget
 from relay.cancel import CancelRegistry
 from relay.client import PublishError, RelayClient
 from relay.config import RedisConfig
-from tests.support import REDIS_SERVER, Gateway, WsClient, free_port, http_get, wait_for
+from tests.support import (
+    REDIS_SERVER,
+    Gateway,
+    RedisServer,
+    WsClient,
+    free_port,
+    http_get,
+    wait_for,
+)
 from tests.tlscerts import Authority, Issued, authority
 
 ACL_SCRIPT = Path(__file__).parents[2] / "deploy" / "redis-acl" / "relay-acl.sh"
@@ -574,3 +582,68 @@ def test_relay_publish_honours_the_socket_timeout() -> None:
     assert done.returncode == 1, done
     assert "Timeout" in done.stderr, done.stderr
     assert held and held[-1] < 2.0, held
+
+
+# ---------------------------------------------------------------- the generator
+
+
+def test_setuser_form_matches_the_acl_file_form(secure: Secure, redis_server: RedisServer) -> None:
+    """``relay-acl.sh --setuser`` piped to redis-cli makes the same user as the file line."""
+    password = secure.users["relay-gw-acme"]
+    out = subprocess.run(
+        ["bash", str(ACL_SCRIPT), "--setuser", "gateway", "relay-gw-acme", "acme"],
+        env={**os.environ, "RELAY_ACL_PASSWORD": password},
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    loaded = subprocess.run(
+        ["redis-cli", "-p", str(redis_server.port)],
+        input=out.stdout,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "OK", loaded
+    admin = secure.admin()
+    try:
+        listed = [u.decode() if isinstance(u, bytes) else str(u) for u in admin.acl_list()]
+        from_file = [u for u in listed if u.startswith("user relay-gw-acme ")]
+    finally:
+        admin.close()
+    from_setuser = [
+        line
+        for line in redis_server.command("ACL", "LIST").decode().splitlines()
+        if line.startswith("user relay-gw-acme ")
+    ]
+    assert len(from_file) == 1 and len(from_setuser) == 1
+
+    def parts(rule: str) -> list[set[str]]:
+        # Redis lists a user's commands in hash order: compare them as sets.
+        return [set(part.split()) for part in rule.replace(")", "").split("(")]
+
+    assert parts(from_setuser[0]) == parts(from_file[0])
+
+
+@pytest.mark.parametrize(
+    ("args", "password", "message"),
+    [
+        (["gateway", "gw", "a*"], "x", "invalid tenant: a*"),
+        (["gateway", "gw", "acme"], "", "set RELAY_ACL_PASSWORD"),
+        (["admin", "gw", "acme"], "x", "usage:"),
+        (["gateway", "g w", "acme"], "x", "invalid user name"),
+    ],
+)
+def test_the_generator_refuses_bad_input(args: list[str], password: str, message: str) -> None:
+    done = subprocess.run(
+        ["bash", str(ACL_SCRIPT), *args],
+        env={**os.environ, "RELAY_ACL_PASSWORD": password},
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    assert done.returncode == 2 and message in done.stderr, done
+    assert done.stdout == ""
