@@ -374,6 +374,19 @@ async def test_the_cli_uses_the_tls_settings_and_acl_users(secure: Secure) -> No
 
 
 Command = tuple[str, ...]
+ADMIN_COMMANDS: tuple[Command, ...] = (
+    ("EVAL", "return 1", "0"),
+    ("KEYS", "*"),
+    ("SCAN", "0"),
+    ("FLUSHALL",),
+    ("FLUSHDB",),
+    ("CONFIG", "GET", "*"),
+    ("ACL", "LIST"),
+    ("CLIENT", "LIST"),
+    ("MONITOR",),
+    ("SCRIPT", "FLUSH"),
+)
+"""Commands neither role may run (scanning, admin, arbitrary scripts)."""
 
 
 def deny(client: redis_sync.Redis, *command: str) -> str:
@@ -405,14 +418,7 @@ def test_gateway_user_stays_inside_its_tenant_and_its_role(secure: Secure) -> No
         for command in (
             ("XADD", f"{acme}:history", "1-0", "f", "x"),
             ("INCR", f"{acme}:seq"),
-            ("EVAL", "return 1", "0"),
-            ("KEYS", "*"),
-            ("SCAN", "0"),
-            ("FLUSHALL",),
-            ("CONFIG", "GET", "*"),
-            ("ACL", "LIST"),
-            ("CLIENT", "LIST"),
-            ("SCRIPT", "FLUSH"),
+            *ADMIN_COMMANDS,
         ):
             assert "command" in deny(gw, *command), command
         # Subscribing is allowed on its tenant's channels; publishing only cancels and probes.
@@ -461,7 +467,7 @@ async def test_orchestrator_user_publishes_but_cannot_listen_or_cancel(secure: S
             ("GET", "session:42"),
         ):
             assert "keys" in deny(orch, *command), command
-        for command in (("EVAL", "return 1", "0"), ("KEYS", "*"), ("FLUSHDB",), ("MONITOR",)):
+        for command in ADMIN_COMMANDS:
             assert "command" in deny(orch, *command), command
     finally:
         orch.close()
