@@ -108,8 +108,11 @@ def _check_bindable(host: str, port: int) -> None:
 def cmd_gateway(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(config)
+    from .auth import Authenticator
     from .gateway.serve import run_gateway
 
+    # A jwt mode without a key is a configuration error (exit 2), not a crash.
+    Authenticator.from_config(config)
     host, port = config.gateway.host, config.gateway.port
     _check_bindable(host, port)
     try:
@@ -327,6 +330,99 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _ttl_arg(value: str) -> float:
+    """``90``, ``30s``, ``15m``, ``1h``, ``2d`` -> seconds."""
+    text = value.strip().lower()
+    unit = _TTL_UNITS.get(text[-1:])
+    number = text[:-1] if unit is not None else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid --ttl {value!r}: use seconds or a number with s, m, h or d (e.g. 1h)"
+        ) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"invalid --ttl {value!r}: must be positive")
+    return seconds
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Mint a token with the configured secret (or --private-key) and print a console URL."""
+    import getpass
+    import urllib.parse
+    from pathlib import Path
+
+    from .auth import CAPS, mint_token
+    from .keys import validate_tenant
+
+    config = _config(args)
+    caps = [c.strip() for c in args.caps.split(",") if c.strip()]
+    unknown = [c for c in caps if c not in CAPS]
+    if unknown or not caps:
+        raise CliError(
+            f"--caps: unknown capability {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(CAPS)}",
+            EXIT_USAGE,
+        )
+    tenant = args.tenant or config.redis.tenant
+    try:
+        validate_tenant(tenant)
+    except ValueError as exc:
+        raise CliError(f"--tenant: {exc}", EXIT_USAGE) from None
+    if args.ttl > config.auth.max_ttl_seconds:
+        raise CliError(
+            f"--ttl: {args.ttl:g}s exceeds auth.max_ttl_seconds ({config.auth.max_ttl_seconds})",
+            EXIT_USAGE,
+        )
+    if args.private_key:
+        try:
+            key = Path(args.private_key).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CliError(
+                f"--private-key: cannot read {args.private_key}: {exc}", EXIT_USAGE
+            ) from None
+        algorithm = args.algorithm or "RS256"
+    elif config.auth.jwt_secret:
+        key, algorithm = config.auth.jwt_secret, args.algorithm or "HS256"
+    else:
+        raise CliError(
+            "no signing key: set auth.jwt_secret (RELAY_AUTH_JWT_SECRET) or pass --private-key",
+            EXIT_USAGE,
+        )
+    try:
+        token = mint_token(
+            key,
+            tenant=tenant,
+            caps=caps,
+            sub=args.sub or getpass.getuser(),
+            ttl_seconds=args.ttl,
+            requests=args.request,
+            algorithm=algorithm,
+            audience=config.auth.audience,
+            issuer=config.auth.issuer,
+        )
+    except Exception as exc:  # a key that does not fit the algorithm, mostly
+        raise CliError(f"cannot sign the token: {exc}", EXIT_USAGE) from None
+    host = config.gateway.host
+    base = args.url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:" + str(
+        config.gateway.port
+    )
+    # The console reads the token from the fragment (never sent to a server or
+    # written to an access log) and keeps it in sessionStorage for the tab.
+    url = base.rstrip("/") + "/#" + urllib.parse.urlencode({"token": token})
+    print(token)
+    print(f"console: {url}")
+    print(
+        f"tenant {tenant}, caps {','.join(caps)}, expires in {args.ttl:g}s"
+        + (f", requests {', '.join(args.request)}" if args.request else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relay",
@@ -373,6 +469,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print raw frames")
     p.add_argument("--no-input", action="store_true", help="never prompt at a budget pause")
     p.add_argument("--exit-after", type=float, help="stop after this many seconds")
+
+    p = add("token", cmd_token, "mint a bearer token and print it with a console URL")
+    p.add_argument("--tenant", help="the tenant it is for (default: redis.tenant)")
+    p.add_argument(
+        "--caps", default="view", help="comma-separated: view, cancel, decide (default: view)"
+    )
+    p.add_argument(
+        "--request",
+        action="append",
+        type=_uuid_arg,
+        default=[],
+        metavar="R",
+        help="limit the token to this request (repeatable; default: the whole tenant)",
+    )
+    p.add_argument("--ttl", type=_ttl_arg, default=3600.0, help="lifetime: 90, 15m, 1h, 2d")
+    p.add_argument("--sub", help="subject, who holds it (default: your user name)")
+    p.add_argument("--private-key", help="PEM private key for RS256/ES256 (default: jwt_secret)")
+    p.add_argument("--algorithm", help="HS256 with the secret; RS256 or ES256 with --private-key")
+    p.add_argument("--url", help="the gateway's public base URL for the console link")
 
     p = add("schema", cmd_schema, "print the JSON Schema of every frame")
     p.add_argument("--out", help="write it to this file instead (as docs/schema/events.json)")

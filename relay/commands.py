@@ -90,6 +90,13 @@ class Unsubscribe(_Command):
     request_id: UUID
 
 
+class Refresh(_Command):
+    """Replace the connection's token before it expires (same ``sub`` and ``tenant``)."""
+
+    type: Literal["refresh"]
+    token: Annotated[str, Field(min_length=1, max_length=8192)]
+
+
 Command: TypeAlias = Annotated[
     CancelAgent
     | BudgetContinue
@@ -98,7 +105,8 @@ Command: TypeAlias = Annotated[
     | SubscribeWorkflow
     | UnsubscribeWorkflow
     | Subscribe
-    | Unsubscribe,
+    | Unsubscribe
+    | Refresh,
     Field(discriminator="type"),
 ]
 

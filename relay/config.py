@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import ssl
 import tomllib
 from collections.abc import Mapping
@@ -214,6 +215,77 @@ class BudgetConfig(_Section):
         return value
 
 
+AUTH_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+"""Signature algorithms ``auth.jwt_algorithms`` may list (never ``none``)."""
+
+
+class AuthConfig(_Section):
+    """Who may connect, and how tokens are checked. See docs/SECURITY.md.
+
+    ``mode = "jwt"`` is the default: a gateway refuses to start without a key
+    (see :func:`relay.auth.Authenticator.from_config`), so running without
+    authentication is always a decision written down (``mode = "none"``).
+    """
+
+    mode: Literal["none", "jwt"] = "jwt"
+    jwt_secret: str = Field(default="", description="HS256 shared secret (>= 32 bytes)")
+    jwt_previous_secret: str = Field(
+        default="", description="also accepted while rotating jwt_secret; never used to sign"
+    )
+    jwt_public_key: str = Field(
+        default="", description="PEM public key for RS256/ES256, or a path to a PEM file"
+    )
+    jwt_previous_public_key: str = ""
+    jwt_algorithms: list[str] = Field(
+        default_factory=list,
+        description="allow-list; empty means HS256 with a secret, RS256 and ES256 with keys",
+    )
+    jwks_url: str = ""
+    jwks_cache_seconds: PositiveFloat = 300.0
+    audience: str = ""
+    issuer: str = ""
+    leeway_seconds: Annotated[float, Field(ge=0, le=300)] = 30.0
+    max_ttl_seconds: PositiveInt = 24 * 3600
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="origins besides the gateway's own that may open sockets and call the API",
+    )
+    metrics_token: str = Field(
+        default="", description="bearer token /metrics requires while mode is jwt"
+    )
+
+    @field_validator("jwt_algorithms", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        # From the environment a list arrives as "a,b"; in TOML as an array.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _algorithms(cls, value: list[str]) -> list[str]:
+        for alg in value:
+            if alg not in AUTH_ALGORITHMS:
+                raise ValueError(f"unsupported algorithm {alg!r}; choose from {AUTH_ALGORITHMS}")
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"origin {origin!r} must look like https://host[:port]")
+        return [o.lower() for o in value]
+
+    @field_validator("jwt_secret", "jwt_previous_secret")
+    @classmethod
+    def _secret_length(cls, value: str) -> str:
+        if value and len(value.encode()) < 32:
+            raise ValueError("must be at least 32 bytes (use `openssl rand -hex 32`)")
+        return value
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -227,6 +299,7 @@ class GlobalConfig(_Section):
     history: HistoryConfig = HistoryConfig()
     cancel: CancelConfig = CancelConfig()
     budget: BudgetConfig = BudgetConfig()
+    auth: AuthConfig = AuthConfig()
     log: LogConfig = LogConfig()
 
 

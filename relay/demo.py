@@ -128,6 +128,10 @@ class Demo:
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["RELAY_REDIS_URL"] = self.redis_url
+        # The demo runs on loopback for one person: authentication off, said
+        # out loud below (and by each gateway's startup warning). An operator
+        # who exports RELAY_AUTH_MODE=jwt keeps it on.
+        env.setdefault("RELAY_AUTH_MODE", "none")
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -246,6 +250,13 @@ class Demo:
             f"  gateway    http://127.0.0.1:{q}/",
             "  simulate   "
             + ("off (--no-simulate)" if self.args.no_simulate else "relay simulate --forever"),
+            "  auth       "
+            + (
+                "OFF (auth.mode = none): anyone who reaches these ports sees and steers "
+                "every agent; see docs/SECURITY.md"
+                if self.child_env()["RELAY_AUTH_MODE"] == "none"
+                else "jwt (mint a token with `relay token`)"
+            ),
             "",
             f"Open the console:   http://127.0.0.1:{p}/   (or :{q}, same events)",
             f"Watch a terminal:   {relay} tail ws://127.0.0.1:{q}/ws/events",

@@ -211,6 +211,8 @@ class Gateway(RelayProcess):
             "RELAY_GATEWAY_PORT": str(self.port),
             "RELAY_GATEWAY_PROBE_INTERVAL": "0.5",
             "RELAY_GATEWAY_PROBE_TIMEOUT": "1.0",
+            # Authentication is off unless a test turns it on (tests/integration/test_auth.py).
+            "RELAY_AUTH_MODE": "none",
             **(extra_env or {}),
         }
         super().__init__(["gateway"], env, log)
@@ -245,8 +247,10 @@ class Gateway(RelayProcess):
 class WsClient:
     """A WebSocket client that records every frame it receives."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **connect: Any) -> None:
         self.url = url
+        self._connect = connect
+        """Extra keyword arguments of ``websockets.connect`` (headers, subprotocols, origin)."""
         self.frames: list[dict[str, Any]] = []
         self.ws: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -254,7 +258,7 @@ class WsClient:
         self.close_code: int | None = None
 
     async def __aenter__(self) -> WsClient:
-        self.ws = await websockets.connect(self.url, max_size=None)
+        self.ws = await websockets.connect(self.url, max_size=None, **self._connect)
         self._task = asyncio.create_task(self._read())
         return self
 
@@ -352,3 +356,87 @@ def numsub(redis: RedisServer, channel: str) -> int:
     lines = redis.command("PUBSUB", "NUMSUB", channel).decode().split()
     assert lines[0] == channel, lines
     return int(lines[1])
+
+
+# ====================================================================== stress helpers
+# Added for the stress test and the overload benchmark: new helpers only, nothing
+# above this line depends on them.
+
+
+class CpuLoad:
+    """Busy-loop subprocesses that keep the machine's cores busy while a test runs.
+
+    Each loader is a separate process (not a thread: the GIL would make it load
+    only the test process) and ends by itself after ``seconds``, so a test that
+    dies without cleaning up cannot leave the machine loaded for long.
+    """
+
+    def __init__(self, procs: int | None = None, seconds: float = 60.0) -> None:
+        self.procs = (os.cpu_count() or 1) if procs is None else procs
+        self.seconds = seconds
+        self._running: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> CpuLoad:
+        code = (
+            "import time\n"
+            f"end = time.monotonic() + {self.seconds!r}\n"
+            "while time.monotonic() < end:\n"
+            "    sum(range(1000))\n"
+        )
+        for _ in range(self.procs):
+            self._running.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        return self
+
+    def stop(self) -> None:
+        """Kill every loader this object started and reap it."""
+        running, self._running = self._running, []
+        for proc in running:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+    def __enter__(self) -> CpuLoad:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_gateways(gateways: Sequence[Gateway], timeout: float = 30.0) -> None:
+    """Start several gateway processes at once, then wait until every one is ready.
+
+    Starting them one after the other (``Gateway.start``) pays the interpreter
+    start-up once per gateway; on a loaded machine that dominates a short test.
+    """
+    for gw in gateways:
+        RelayProcess.start(gw)
+    for gw in gateways:
+        try:
+            wait_for(gw.ready, timeout, what=f"gateway on {gw.port} ready")
+        except TimeoutError:
+            raise TimeoutError(f"gateway did not get ready:\n{gw.output()}") from None
+
+
+def metric_value(text: str, name: str) -> float | None:
+    """The value of an unlabelled sample ``name`` in Prometheus text, or None if absent.
+
+    Counters are looked up with and without the ``_total`` suffix, because
+    prometheus_client appends it to counter names.
+    """
+    wanted = {name, name.removesuffix("_total"), name + "_total"}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        sample, _, value = line.rpartition(" ")
+        if sample in wanted:
+            return float(value)
+    return None

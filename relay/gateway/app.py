@@ -9,26 +9,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .. import redisconn
+from ..auth import (
+    CLOSE_POLICY,
+    SUBPROTOCOL,
+    Authenticator,
+    AuthError,
+    Principal,
+    anonymous_principal,
+    websocket_token,
+)
 from ..commands import CommandError, load_object
 from ..config import GlobalConfig, load_config
 from .actions import Actions
 from .connection import Connection
+from .guard import HttpRefusal, OriginGuard, require_json, rest_principal
 from .hub import Hub
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .static import console_routes
 from .writer import SendTurns
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -41,6 +56,13 @@ class Services:
     metrics: Metrics
     actions: Actions
     turns: SendTurns
+    auth: Authenticator
+    anonymous: Principal
+    """Every client's principal while auth is off."""
+
+    async def principal(self, request: Request) -> Principal:
+        """Who a REST call acts for (:class:`HttpRefusal` 401 without a valid token)."""
+        return await rest_principal(request, self.auth, self.anonymous, self.metrics)
 
 
 def _redis_clients(config: GlobalConfig) -> tuple[Redis, Redis, Redis]:
@@ -60,8 +82,31 @@ def services(scope_holder: Request | WebSocket) -> Services:
 
 async def events_ws(websocket: WebSocket) -> None:
     svc = services(websocket)
+    offered: list[str] = websocket.scope.get("subprotocols") or []
+    # Echo relay.v1 when offered (a browser that offers subprotocols fails a
+    # handshake that selects none); never the relay.bearer.<token> entry.
+    chosen = SUBPROTOCOL if SUBPROTOCOL in offered else None
+    principal = svc.anonymous
+    if svc.auth.enabled:
+        token = websocket_token(websocket.headers, websocket.query_params, offered)
+        try:
+            principal = await svc.auth.verify(token)
+        except AuthError as exc:
+            svc.metrics.auth_failures.labels(reason="missing" if not token else "invalid").inc()
+            # Accept, then close: a browser sees 1008 and the reason, not a bare failure.
+            await websocket.accept(subprotocol=chosen)
+            await websocket.close(CLOSE_POLICY, str(exc)[:120])
+            return
     conn = Connection(
-        websocket, svc.hub, svc.config, svc.metrics, svc.actions.execute, turns=svc.turns
+        websocket,
+        svc.hub.tenant(principal.tenant),
+        svc.config,
+        svc.metrics,
+        svc.actions.execute,
+        turns=svc.turns,
+        principal=principal,
+        auth=svc.auth,
+        subprotocol=chosen,
     )
     await conn.run()
 
@@ -85,7 +130,11 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(services(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    svc = services(request)
+    if not svc.auth.metrics_allowed(request.headers.get("authorization")):
+        # With auth on, /metrics needs Bearer <auth.metrics_token> (none set: never served).
+        return HttpRefusal(401, "unauthorized", "/metrics needs the auth.metrics_token").response()
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -98,16 +147,20 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 def _error(exc: CommandError) -> JSONResponse:
-    status = {"no_pending_decision": 409, "unavailable": 503}.get(exc.code, 400)
+    status = {"no_pending_decision": 409, "unavailable": 503, "forbidden": 403}.get(exc.code, 400)
     return JSONResponse(exc.frame(), status_code=status)
 
 
 async def cancel_route(request: Request) -> Response:
     svc = services(request)
     try:
+        require_json(request)
+        principal = await svc.principal(request)
         body = await _json_body(request)
         command = {**body, "type": "cancel_agent", "agent_id": request.path_params["target_id"]}
-        reply = await svc.actions.execute_raw(command)
+        reply = await svc.actions.execute_raw(command, principal)
+    except HttpRefusal as refusal:
+        return refusal.response()
     except CommandError as exc:
         return _error(exc)
     return JSONResponse(reply, status_code=202)
@@ -116,6 +169,8 @@ async def cancel_route(request: Request) -> Response:
 async def budget_route(request: Request) -> Response:
     svc = services(request)
     try:
+        require_json(request)
+        principal = await svc.principal(request)
         body = await _json_body(request)
         decision = body.get("decision")
         if decision not in ("continue", "stop"):
@@ -125,7 +180,9 @@ async def budget_route(request: Request) -> Response:
             "type": f"budget_{decision}",
             "request_id": request.path_params["request_id"],
         }
-        reply = await svc.actions.execute_raw(command)
+        reply = await svc.actions.execute_raw(command, principal)
+    except HttpRefusal as refusal:
+        return refusal.response()
     except CommandError as exc:
         return _error(exc)
     return JSONResponse(reply, status_code=202)
@@ -134,14 +191,25 @@ async def budget_route(request: Request) -> Response:
 def create_app(config: GlobalConfig | None = None) -> Starlette:
     """Build the gateway app. ``config`` defaults to :func:`relay.config.load_config`."""
     cfg = config if config is not None else load_config()
+    auth = Authenticator.from_config(cfg)  # a jwt mode without a key fails here, at startup
+    registries: list[Metrics] = []
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if not auth.enabled:
+            log.warning(
+                "auth.mode is 'none': anyone who reaches this gateway reads every event of "
+                "tenant %r and may cancel its agents and answer its budget pauses",
+                cfg.redis.tenant,
+            )
         commands, control, pubsub = _redis_clients(cfg)
         registry = Metrics()
+        registries[:] = [registry]
         hub = Hub(cfg, commands, pubsub, registry, control=control)
         actions = Actions(cfg, commands, registry)
-        app.state.services = Services(cfg, commands, hub, registry, actions, SendTurns())
+        app.state.services = Services(
+            cfg, commands, hub, registry, actions, SendTurns(), auth, anonymous_principal(cfg)
+        )
         await hub.start()
         try:
             yield
@@ -160,4 +228,18 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         Route("/api/v1/requests/{request_id}/budget", budget_route, methods=["POST"]),
         *console_routes(),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    allowed = cfg.auth.allowed_origins
+    middleware = [
+        # Outermost: answers preflights of the listed origins (same-origin
+        # calls need none). No credentials: tokens travel in Authorization.
+        Middleware(
+            CORSMiddleware,
+            allow_origins=allowed,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            allow_credentials=False,
+            max_age=600,
+        ),
+        Middleware(OriginGuard, allowed=allowed, metrics=registries),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)

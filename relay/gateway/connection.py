@@ -24,10 +24,18 @@ from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..aio import stop_task
+from ..auth import (
+    CLOSE_TOKEN_EXPIRED,
+    Authenticator,
+    AuthError,
+    Principal,
+    anonymous_principal,
+)
 from ..commands import (
     Command,
     CommandError,
     Ping,
+    Refresh,
     Subscribe,
     SubscribeWorkflow,
     Unsubscribe,
@@ -38,7 +46,7 @@ from ..commands import (
 from ..config import GlobalConfig
 from ..logs import LogOnce
 from .envelope import Envelope
-from .hub import Hub, HubUnavailable
+from .hub import HubUnavailable, TenantHub
 from .metrics import Metrics
 from .sendqueue import CLOSE_TRY_AGAIN_LATER, Begin, Reset, SendQueue
 from .store import RequestStore
@@ -54,9 +62,9 @@ UNAVAILABLE = "Redis is unavailable; try again shortly"
 
 
 class CommandHandler(Protocol):
-    """Executes the commands that change durable state (cancel, budget answers)."""
+    """Authorizes and executes the commands that change durable state (cancel, budget answers)."""
 
-    async def __call__(self, command: Command) -> dict[str, Any]: ...
+    async def __call__(self, command: Command, principal: Principal) -> dict[str, Any]: ...
 
 
 @dataclass(slots=True)
@@ -73,14 +81,24 @@ class Connection:
     def __init__(
         self,
         websocket: WebSocket,
-        hub: Hub,
+        hub: TenantHub,
         config: GlobalConfig,
         metrics: Metrics,
         handler: CommandHandler,
         turns: SendTurns | None = None,
+        *,
+        principal: Principal | None = None,
+        auth: Authenticator | None = None,
+        subprotocol: str | None = None,
     ) -> None:
         self.ws = websocket
         self.hub = hub
+        """The routing of the principal's tenant: no other tenant's events reach it."""
+        self.principal = principal or anonymous_principal(config)
+        self._auth = auth
+        self._subprotocol = subprotocol
+        self._refreshed = asyncio.Event()
+        self._close_with: tuple[int, str] | None = None
         self.store: RequestStore = hub.store
         self.config = config
         self.metrics = metrics
@@ -112,15 +130,21 @@ class Connection:
 
     # ---------------------------------------------------------------- lifecycle
 
+    @property
+    def subject(self) -> str | None:
+        """The token's ``sub`` (None while auth is off): what per-subject limits count."""
+        return self.principal.sub
+
     async def run(self) -> None:
         """Accept, serve until the client leaves, then release everything."""
-        await self.ws.accept()
+        await self.ws.accept(subprotocol=self._subprotocol)
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
         writer = asyncio.create_task(self._writer.run(), name="relay-conn-writer")
         overflow = asyncio.create_task(self._queue.overflow.wait(), name="relay-conn-overflow")
         starter = asyncio.create_task(self._serve(), name="relay-conn-reader")
-        tasks = [writer, overflow, starter]
+        expiry = asyncio.create_task(self._expire(), name="relay-conn-expiry")
+        tasks = [writer, overflow, starter, expiry]
         failure: BaseException | None = None
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -141,11 +165,27 @@ class Connection:
                 await self._release()
                 if self._queue.close_code is not None:
                     await self._close_overflowed(self._queue.close_code)
+                elif self._close_with is not None:
+                    await self._close(*self._close_with)
                 elif failure is not None:
                     self._internal_error("connection", failure)
                     # Never a silent TCP drop: the client learns why, and reconnects.
                     await self._close(CLOSE_INTERNAL_ERROR, "internal error")
                 self.metrics.connections.dec()
+
+    async def _expire(self) -> None:
+        """Close with 4001 when the token expires, unless a ``refresh`` replaced it first."""
+        leeway = self.config.auth.leeway_seconds
+        while (exp := self.principal.exp) is not None:
+            left = exp + leeway - time.time()
+            if left <= 0:
+                self._close_with = (CLOSE_TOKEN_EXPIRED, "token expired")
+                return
+            self._refreshed.clear()
+            with contextlib.suppress(TimeoutError):
+                # Woken early by a refresh, which may have moved exp either way.
+                await asyncio.wait_for(self._refreshed.wait(), left)
+        await asyncio.Event().wait()  # a token without exp (auth off) never expires
 
     async def _serve(self) -> None:
         if await self._start_from_query():
@@ -195,6 +235,9 @@ class Connection:
         params = self.ws.query_params
         rids = params.getlist("request_id")
         stream = params.get("stream")
+        if not self.principal.can("view"):
+            # A cancel- or decide-only token receives no events at all.
+            self._fixed = True
         if stream == "none" or rids:
             # Nothing until subscribed, and nothing after the last unsubscribe.
             self._fixed = True
@@ -246,6 +289,8 @@ class Connection:
         # Before, the flag was set only on success, so a client that connected
         # during an outage was registered with the hub but dropped every event
         # it was offered, for as long as it stayed connected.
+        if not self.principal.can("view"):
+            return
         self._firehose = True
         try:
             await self.hub.watch_all(self)
@@ -314,12 +359,15 @@ class Connection:
     async def _execute(self, command: Command) -> dict[str, Any] | None:
         if isinstance(command, Ping):
             return {"type": "pong"}
+        if isinstance(command, Refresh):
+            return await self._refresh(command.token)
         if isinstance(command, Subscribe):
             await self._subscribe(command)
             return None
         if isinstance(command, Unsubscribe):
             return await self._unsubscribe(str(command.request_id))
         if isinstance(command, SubscribeWorkflow):
+            self.principal.require("view")
             full = len(self._runs) >= self.config.gateway.max_subscriptions
             if full and str(command.run_id) not in self._runs:
                 raise CommandError("too_many_subscriptions", "too many workflow runs")
@@ -331,10 +379,33 @@ class Connection:
             if command.command_id is None:
                 return None
             return {"type": "workflow_unsubscribed", "run_id": str(command.run_id)}
-        return await self.handler(command)
+        return await self.handler(command, self.principal)
+
+    async def _refresh(self, token: str) -> dict[str, Any]:
+        if self._auth is None or not self._auth.enabled:
+            return {"type": "refreshed", "exp": None}
+        try:
+            new = await self._auth.verify(token)
+        except AuthError as exc:
+            raise CommandError("invalid_token", str(exc)) from None
+        old = self.principal
+        if (new.sub, new.tenant) != (old.sub, old.tenant):
+            raise CommandError("forbidden", "a refresh token must have the same sub and tenant")
+        self.principal = new
+        self._refreshed.set()
+        # The new token may cover less: drop what it no longer allows.
+        for rid in list(self._subs):
+            if not (new.can("view") and new.may_touch(rid)):
+                await self._unsubscribe(rid)
+        if self._firehose and not new.can("view"):
+            self._firehose = False
+            await self.hub.unwatch_all(self)
+        assert new.exp is not None
+        return {"type": "refreshed", "exp": int(new.exp)}
 
     async def _subscribe(self, cmd: Subscribe) -> None:
         rid = str(cmd.request_id)
+        self.principal.require("view", rid)
         limit = self.config.gateway.max_subscriptions
         if rid not in self._subs and len(self._subs) >= limit:
             raise CommandError(
@@ -423,10 +494,14 @@ class Connection:
     # ---------------------------------------------------------------- hub side
 
     def _wants(self, rid: str) -> bool:
+        if not self.principal.may_touch(rid):
+            return False
         return rid in self._subs if self._subs else self._firehose
 
     def offer(self, envelope: Envelope) -> None:
         """Called by the hub for every event this connection may want."""
+        if not self.principal.may_touch(envelope.request_id):
+            return  # a token scoped to requests sees only those on the tenant-wide stream
         if self._subs:
             sub = self._subs.get(envelope.request_id)
             if sub is None:
@@ -442,6 +517,8 @@ class Connection:
 
     def stream_reset(self, request_id: str, epoch: str | None, reason: str) -> None:
         """Called by the hub when a request's stream cannot be continued."""
+        if not self.principal.may_touch(request_id):
+            return
         if (self._subs and request_id in self._subs) or (self._firehose and not self._subs):
             self._queue.push_control(Reset(request_id, epoch, reason))
 

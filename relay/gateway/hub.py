@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from ..aio import stop_task
 from ..config import GlobalConfig
-from ..keys import Keys, probe_channel
+from ..keys import PREFIX, Keys, probe_channel
 from ..logs import LogOnce
 from ..scripts import as_text
 from .envelope import Envelope, EnvelopeError
@@ -57,27 +57,29 @@ class HubUnavailable(Exception):
     """The hub could not make a subscription live in time."""
 
 
-class Hub:
-    """Routes events to connections; owns the pub/sub link and the backfill lanes."""
+class TenantHub:
+    """Routes one tenant's events to its connections; shares the process's pub/sub link.
+
+    Every channel it holds is under ``relay:<tenant>:``, so the process's
+    :class:`Hub` hands it exactly its own tenant's messages: a connection
+    registered here can never be offered another tenant's event.
+    """
 
     def __init__(
         self,
         config: GlobalConfig,
         redis: Redis,
-        pubsub_redis: Redis,
         metrics: Metrics,
-        *,
-        control: Redis | None = None,
+        link: PubSubLink,
+        tenant: str,
+        log: logging.LoggerAdapter[logging.Logger],
     ) -> None:
         self.config = config
         self.redis = redis
-        self.control = control or redis
-        """Health traffic (probe, readiness ping): a pool of its own in the app."""
         self.metrics = metrics
-        self.keys = Keys(config.redis.tenant)
-        self.gateway_id = uuid.uuid4().hex[:12]
-        # Every hub log line names its gateway (a field of its own in JSON logs).
-        self.log = logging.LoggerAdapter(log, {"gateway_id": self.gateway_id})
+        self.keys = Keys(tenant)
+        self.tenant = tenant
+        self.log = log
         self._once = LogOnce(self.log)
         self.store = RequestStore(
             redis, self.keys, config.history.replay_batch, on_skip=self._history_skipped
@@ -88,30 +90,19 @@ class Hub:
         self._tracks = SeqTable(
             config.gateway.firehose_track_requests, self._by_request.__contains__
         )
-        self.link = PubSubLink(
-            config,
-            self.control,
-            pubsub_redis,
-            metrics,
-            self,
-            probe_channel(self.keys.tenant, self.gateway_id),
-            self.log,
-        )
+        self.link = link
         self.backfills = Backfills(self.store, self, metrics, self.log)
         self._switch = asyncio.Lock()
         self._recovery: asyncio.Task[None] | None = None
-        self._synced = False
+        # Made while the link is up: nothing happened before it that needs a
+        # catch-up. Made during an outage: on_connected catches it up.
+        self._synced = link.connected
         self._disconnected_at: float | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
-    async def start(self) -> None:
-        """Connect, listen and probe (in the background)."""
-        await self.link.start()
-
     async def close(self) -> None:
-        """Stop everything this hub started and wait for it."""
-        await self.link.close()
+        """Stop every task this tenant's routing started and wait for it."""
         task, self._recovery = self._recovery, None
         if task is not None:
             await stop_task(task)
@@ -123,22 +114,27 @@ class Hub:
         return self._tracks
 
     @property
-    def ready(self) -> bool:
-        """Subscribed, caught up after the last reconnect, and the last probe came back in time."""
-        return self.link.connected and self._synced and self.link.probe_fresh
+    def synced(self) -> bool:
+        """Caught up after the last (re)connect."""
+        return self._synced
+
+    @property
+    def firehose(self) -> set[Subscriber]:
+        """Connections that want every event of the tenant."""
+        return self._firehose
+
+    @property
+    def idle(self) -> bool:
+        """No connection watches anything here."""
+        return not self._by_request and not self._firehose
 
     def status(self) -> dict[str, object]:
-        """Facts for ``/readyz``."""
+        """This tenant's part of ``/readyz``."""
         return {
-            "gateway_id": self.gateway_id,
-            "pubsub_connected": self.link.connected,
             "caught_up": self._synced,
-            "probe_age_s": self.link.probe_age(),
-            "channels": self.link.live_count,
             "watched_requests": len(self._by_request),
             "firehose_connections": len(self._firehose),
             "backfills": len(self.backfills),
-            "reconnects": self.link.reconnects,
         }
 
     # ---------------------------------------------------------------- interest
@@ -367,4 +363,156 @@ class Hub:
         """The pub/sub connection is gone: remember since when, for the next catch-up."""
         self._synced = False
         if self._disconnected_at is None:
-            self._disconnected_at = time.time()
+            # Not the time of the teardown, which comes after the probe
+            # timeout and may be late under load: the stream may have gone
+            # quiet since the last probe came back, so catch up from there.
+            heard = self.link.last_heard()
+            now = time.time()
+            self._disconnected_at = now if heard is None else min(now, heard)
+
+
+class Hub:
+    """The process's router: one pub/sub link, one :class:`TenantHub` per tenant.
+
+    The link's listener: every message is handed to the tenant its channel
+    names (``relay:<tenant>:...``) and to no other, and a tenant nobody here
+    watches gets nothing. ``watch``/``store``/``keys``... without a tenant
+    are the configured default tenant's (``redis.tenant``), the one every
+    client of a gateway with ``auth.mode = "none"`` uses.
+    """
+
+    def __init__(
+        self,
+        config: GlobalConfig,
+        redis: Redis,
+        pubsub_redis: Redis,
+        metrics: Metrics,
+        *,
+        control: Redis | None = None,
+    ) -> None:
+        self.config = config
+        self.redis = redis
+        self.control = control or redis
+        """Health traffic (probe, readiness ping): a pool of its own in the app."""
+        self.metrics = metrics
+        self.gateway_id = uuid.uuid4().hex[:12]
+        # Every hub log line names its gateway (a field of its own in JSON logs).
+        self.log = logging.LoggerAdapter(log, {"gateway_id": self.gateway_id})
+        self.link = PubSubLink(
+            config,
+            self.control,
+            pubsub_redis,
+            metrics,
+            self,
+            probe_channel(config.redis.tenant, self.gateway_id),
+            self.log,
+        )
+        self._tenants: dict[str, TenantHub] = {}
+        self.default = self.tenant(config.redis.tenant)
+
+    def tenant(self, name: str) -> TenantHub:
+        """The routing of tenant ``name`` (made on first use; tenants are few, from tokens)."""
+        hub = self._tenants.get(name)
+        if hub is None:
+            hub = TenantHub(self.config, self.redis, self.metrics, self.link, name, self.log)
+            self._tenants[name] = hub
+        return hub
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Connect, listen and probe (in the background)."""
+        await self.link.start()
+
+    async def close(self) -> None:
+        """Stop everything this hub started and wait for it."""
+        await self.link.close()
+        for hub in list(self._tenants.values()):
+            await hub.close()
+
+    @property
+    def ready(self) -> bool:
+        """Subscribed, every tenant caught up after the last reconnect, probe fresh."""
+        return (
+            self.link.connected
+            and self.link.probe_fresh
+            and all(h.synced for h in self._tenants.values())
+        )
+
+    def status(self) -> dict[str, object]:
+        """Facts for ``/readyz``."""
+        hubs = self._tenants.values()
+        return {
+            "gateway_id": self.gateway_id,
+            "pubsub_connected": self.link.connected,
+            "caught_up": all(h.synced for h in hubs),
+            "probe_age_s": self.link.probe_age(),
+            "channels": self.link.live_count,
+            "tenants": len(self._tenants),
+            "watched_requests": sum(len(h._by_request) for h in hubs),
+            "firehose_connections": sum(len(h.firehose) for h in hubs),
+            "backfills": sum(len(h.backfills) for h in hubs),
+            "reconnects": self.link.reconnects,
+        }
+
+    # ---------------------------------------------------------------- link callbacks
+
+    def wanted_channels(self) -> list[str]:
+        """Every channel of every tenant the next connection subscribes."""
+        return [c for h in self._tenants.values() for c in h.wanted_channels()]
+
+    def on_connected(self) -> None:
+        """A new connection is subscribed: every tenant catches up."""
+        for hub in self._tenants.values():
+            hub.on_connected()
+
+    def on_message(self, channel: str, data: bytes) -> None:
+        """Hand a message to the tenant its channel names (``relay:<tenant>:...``)."""
+        head, _, rest = channel.partition(":")
+        tenant = rest.partition(":")[0]
+        hub = self._tenants.get(tenant) if head == PREFIX else None
+        if hub is not None:
+            hub.on_message(channel, data)
+
+    def on_disconnected(self) -> None:
+        """The pub/sub connection is gone: every tenant remembers since when."""
+        for hub in self._tenants.values():
+            hub.on_disconnected()
+
+    # ---------------------------------------------------------------- the default tenant
+
+    @property
+    def keys(self) -> Keys:
+        """The default tenant's keys."""
+        return self.default.keys
+
+    @property
+    def store(self) -> RequestStore:
+        """The default tenant's history and state reader."""
+        return self.default.store
+
+    @property
+    def tracks(self) -> SeqTable:
+        """The default tenant's stream positions."""
+        return self.default.tracks
+
+    @property
+    def backfills(self) -> Backfills:
+        """The default tenant's backfill lanes."""
+        return self.default.backfills
+
+    async def watch(self, request_id: str, sub: Subscriber) -> None:
+        """:meth:`TenantHub.watch` on the default tenant."""
+        await self.default.watch(request_id, sub)
+
+    async def unwatch(self, request_id: str, sub: Subscriber) -> None:
+        """:meth:`TenantHub.unwatch` on the default tenant."""
+        await self.default.unwatch(request_id, sub)
+
+    async def watch_all(self, sub: Subscriber) -> None:
+        """:meth:`TenantHub.watch_all` on the default tenant."""
+        await self.default.watch_all(sub)
+
+    async def unwatch_all(self, sub: Subscriber) -> None:
+        """:meth:`TenantHub.unwatch_all` on the default tenant."""
+        await self.default.unwatch_all(sub)

@@ -64,10 +64,17 @@ class Metrics:
             ["type", "outcome"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            "relay_auth_failures",
+            "Refused tokens and origins (missing, invalid, origin)",
+            ["reason"],
+            registry=r,
+        )
         self.latency = Histogram(
             "relay_publish_to_send_seconds",
             "Time from the publish (Redis server clock) to the frame being written to a "
-            "client (gateway clock): keep the clocks in sync (NTP); negative skew reads as 0",
+            "client (gateway clock), one delivery in 8 sampled: keep the clocks in sync "
+            "(NTP); negative skew reads as 0",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
             registry=r,
         )

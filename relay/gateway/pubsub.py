@@ -116,6 +116,11 @@ class PubSubLink:
         rx = self._last_probe_rx
         return None if rx is None else round(time.monotonic() - rx, 3)
 
+    def last_heard(self) -> float | None:
+        """Wall-clock time the connection last proved it delivers (the last probe back)."""
+        rx = self._last_probe_rx
+        return None if rx is None else time.time() - (time.monotonic() - rx)
+
     def is_live(self, channel: str) -> bool:
         """Whether ``channel`` is subscribed on the current connection."""
         return channel in self._live

@@ -30,8 +30,10 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import PathLike, StaticFiles
 from starlette.types import Scope
 
+from ..commands import CommandError
 from ..keys import Keys
 from ..scripts import as_text
+from .guard import HttpRefusal
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +94,30 @@ def _int_param(request: Request, name: str, default: int, upper: int) -> int:
 async def recent_requests(request: Request) -> Response:
     """Requests that published in the last ``window`` seconds, newest first (at most ``limit``)."""
     services: Any = request.app.state.services
+    try:
+        principal = await services.principal(request)
+        principal.require("view")
+    except HttpRefusal as refusal:
+        return refusal.response()
+    except CommandError as exc:
+        return JSONResponse(exc.frame(), status_code=403)
     redis = services.redis
-    keys = Keys(services.config.redis.tenant)
+    # The token's tenant only; a token scoped to requests lists only those.
+    keys = Keys(principal.tenant)
     limit = _int_param(request, "limit", 50, RECENT_MAX)
     window = _int_param(request, "window", RECENT_WINDOW_SECONDS, RECENT_WINDOW_SECONDS)
     floor = int((time.time() - window) * 1000)
     try:
-        rows = await redis.zrevrangebyscore(
-            keys.active, "+inf", floor, start=0, num=limit, withscores=True
-        )
+        if principal.requests is None:
+            rows = await redis.zrevrangebyscore(
+                keys.active, "+inf", floor, start=0, num=limit, withscores=True
+            )
+        else:
+            # A scoped token: look its own requests up (at most MAX_TOKEN_REQUESTS).
+            scope = sorted(principal.requests)
+            scores = await redis.zmscore(keys.active, scope)
+            found = [(r, s) for r, s in zip(scope, scores, strict=True) if s and s >= floor]
+            rows = sorted(found, key=lambda row: -row[1])[:limit]
         details = request.query_params.get("agents") in ("1", "true")
         pipe = redis.pipeline(transaction=False)
         ids = [as_text(r) for r, _ in rows]

@@ -27,6 +27,7 @@ def relay(
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env["RELAY_REDIS_URL"] = redis.url
     env["RELAY_REDIS_PUBLISH_RETRY_SECONDS"] = "1"
+    env["RELAY_AUTH_MODE"] = "none"
     return subprocess.run(
         [sys.executable, "-m", "relay", *args],
         input=stdin, capture_output=True, text=True, env=env, timeout=60,

@@ -40,7 +40,7 @@ class FakeWebSocket:
         self.application_state = WebSocketState.CONNECTING
         self.close_code: int | None = None
 
-    async def accept(self) -> None:
+    async def accept(self, subprotocol: str | None = None) -> None:
         self.application_state = WebSocketState.CONNECTED
 
     async def receive(self) -> dict[str, Any]:

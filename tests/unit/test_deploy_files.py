@@ -432,3 +432,19 @@ def test_localized_config_is_valid_and_resolves(tmp_path: Path) -> None:
     result = haproxy_check(cfg)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "could not resolve" not in result.stderr
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_gateways_run_with_auth_on(services: dict[str, dict[str, Any]], name: str) -> None:
+    """The compose stack authenticates: jwt mode, and no gateway starts without a secret."""
+    from relay.auth import Authenticator
+    from relay.config import load_config
+
+    env = services[name]["environment"]
+    assert env["RELAY_AUTH_MODE"] == "jwt"
+    secret = env["RELAY_AUTH_JWT_SECRET"]
+    assert secret.startswith("${RELAY_AUTH_JWT_SECRET:?"), "required, never a default"
+    resolved = {**{k: str(v) for k, v in env.items()}, "RELAY_AUTH_JWT_SECRET": "k" * 64}
+    resolved["RELAY_AUTH_METRICS_TOKEN"] = ""
+    resolved.pop("RELAY_CONFIG")
+    assert Authenticator.from_config(load_config(ROOT / "config.toml", resolved)).enabled

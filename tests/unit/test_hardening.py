@@ -250,7 +250,7 @@ async def test_busy_writers_take_turns(fake_redis: fakeredis.FakeAsyncRedis) -> 
         async def send_text(self, text: str) -> None:
             order.append(self.name)
 
-    turns = SendTurns(budget=0.0)  # yield after every frame
+    turns = SendTurns(frames_per_round=1)  # yield after every frame
     store = RequestStore(fake_redis, Keys())
     writers, tasks = [], []
     for name in ("a", "b"):

@@ -224,3 +224,13 @@ async def test_a_slow_history_read_delays_no_other_request(
     gate.set()
     await until(lambda: hub.backfills.lane(slow) is None)
     assert [e.seq for e in slow_sub.got] == list(range(1, 11))
+
+
+async def test_probe_age_is_unknown_before_the_first_probe() -> None:
+    """Not the machine's uptime (a monotonic clock read against 0)."""
+    server = fakeredis.FakeServer()
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    hub = Hub(GlobalConfig(), redis, redis, Metrics())
+    assert hub.status()["probe_age_s"] is None
+    assert not hub.ready
+    await redis.aclose()

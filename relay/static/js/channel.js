@@ -3,7 +3,11 @@
 // "reconnecting") the connection indicator shows. What is said on the socket
 // (subscribe, resume with after_seq/epoch) is up to the owner: see session.js.
 
+import { onTokenChange, refused, token, wsProtocols } from "./auth.js";
+
 const BACKOFF_BASE_MS = 1000;
+const CLOSE_POLICY = 1008;          // missing or refused token
+const CLOSE_TOKEN_EXPIRED = 4001;   // the token expired while connected
 const BACKOFF_MAX_MS = 30000;
 const JITTER = 0.3;
 
@@ -22,7 +26,10 @@ export const WS_URL = (() => {
 export class Channel {
   constructor(name, hooks) {
     Object.assign(this, { name, hooks, ws: null, state: "idle", attempt: 0,
-      timer: null, retryAt: 0, stopped: true });
+      timer: null, retryAt: 0, stopped: true, waiting: false });
+    onTokenChange(() => {
+      if (this.waiting && !this.stopped) { this.waiting = false; this.attempt = 0; this.connect(); }
+    });
   }
   start() { if (this.stopped) { this.stopped = false; this.connect(); } }
   stop() {
@@ -35,7 +42,8 @@ export class Channel {
   connect() {
     this.state = this.attempt ? "reconnecting" : "connecting";
     this.hooks.onStatus();
-    const ws = new WebSocket(WS_URL);
+    const ws = new WebSocket(WS_URL, wsProtocols());
+    const sent = token();
     this.ws = ws;
     ws.onopen = () => {
       this.attempt = 0; this.state = "live";
@@ -49,9 +57,20 @@ export class Channel {
       try { this.hooks.onFrame(frame); } catch (err) { console.warn("relay: bad frame", frame, err); }
       this.hooks.afterFrame();
     };
-    ws.onclose = () => {
+    ws.onclose = (ev) => {
       if (this.ws !== ws || this.stopped) return;
       this.ws = null;
+      const authClose = ev.code === CLOSE_POLICY || ev.code === CLOSE_TOKEN_EXPIRED;
+      if (authClose && token() !== sent) { this.attempt = 0; this.connect(); return; }
+      if (authClose) {
+        // Reconnecting with the same token would be refused again: wait for a new one.
+        this.state = "reconnecting"; this.waiting = true;
+        this.hooks.onLinkChange();
+        refused(ev.code === CLOSE_TOKEN_EXPIRED
+          ? "Your token expired. Paste a new one (relay token ...)."
+          : `The gateway refused the connection: ${ev.reason || "policy violation"}.`);
+        return;
+      }
       this.attempt += 1;
       const base = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** (this.attempt - 1));
       const delay = base * (1 + (Math.random() * 2 - 1) * JITTER);

@@ -3,6 +3,7 @@
 // listing and the detail socket, over listing.js and channel.js), render.js (the DOM) and format.js.
 // The user's actions (open, close, cancel, answer a budget pause) live here.
 
+import { auth, onAuthProblem, setToken } from "./auth.js";
 import { $, bindRender, clearViewDom, schedule, tick } from "./render.js";
 import { command, detail, listing, subscribe } from "./session.js";
 import { effects, newView, store } from "./store.js";
@@ -78,12 +79,22 @@ function boot() {
     else input.setAttribute("aria-invalid", "true");
   });
   $("open-input").addEventListener("input", (e) => e.target.removeAttribute("aria-invalid"));
+  // The token form shows whenever the gateway refused or asked for a token.
+  const showAuth = () => {
+    $("auth-form").hidden = !auth.problem;
+    $("auth-message").textContent = auth.problem || "";
+  };
+  onAuthProblem(showAuth);
+  $("auth-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    if (setToken($("auth-input").value)) $("auth-input").value = "";
+  });
   const m = /open=([^&]*)/.exec(location.hash);
   if (m) for (const rid of decodeURIComponent(m[1]).split(",")) openRequest(rid);
   listing.start();
   setInterval(tick, 1000);
   schedule();
-  window.relayConsole = { store, listing, detail };   // for debugging and tests
+  window.relayConsole = { store, listing, detail, auth };   // for debugging and tests
 }
 
 boot();
