@@ -59,13 +59,14 @@ common="+ping +select"
 case "$role" in
   gateway)
     # Reads: replay (XRANGE, MGET, GET, HGETALL), the console's request list
-    # (ZREVRANGEBYSCORE, EXISTS, HGET, HVALS), the hub's active requests
-    # (ZRANGEBYSCORE), the CLI's id lookup (ZREVRANGE, HKEYS).
+    # (ZREVRANGEBYSCORE, EXISTS, HGET, HVALS; ZMSCORE for a token scoped to
+    # requests), the hub's active requests (ZRANGEBYSCORE), a scoped token's
+    # cancel check (HEXISTS), the CLI's id lookup (ZREVRANGE, HKEYS).
     # Writes: a cancel (MULTI: SET ... GET + PUBLISH), budget_answer.lua
     # (GET, DEL, HSET, RPUSH, EXPIRE) and epoch_bump.lua (GET, SET), run with
     # EVALSHA and loaded with SCRIPT LOAD when Redis lost them.
     cmds="$common +subscribe +unsubscribe +get +mget +exists +hget +hgetall +hvals +hkeys"
-    cmds+=" +xrange +zrangebyscore +zrevrangebyscore +zrevrange"
+    cmds+=" +hexists +xrange +zrangebyscore +zrevrangebyscore +zrevrange +zmscore"
     cmds+=" +set +del +hset +rpush +expire +multi +exec +discard +evalsha +script|load"
     keys="" chans="" pubs=""
     # A pattern must grant every permission a command needs on a key (SET ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ import redis as redis_sync
 from redis.exceptions import NoPermissionError, ResponseError
 
 from relay import redisconn
+from relay.auth import CAPS, mint_token
 from relay.budget import BudgetState, BudgetStatus, RequestBudget
 from relay.cancel import CancelRegistry
 from relay.client import PublishError, RelayClient
@@ -39,7 +42,6 @@ from tests.support import (
     RedisServer,
     WsClient,
     free_port,
-    http_get,
     wait_for,
 )
 from tests.tlscerts import Authority, Issued, authority
@@ -282,6 +284,14 @@ def relay_cli(
     )
 
 
+def get_json(url: str, token: str) -> Any:
+    """GET ``url`` with a bearer token; the decoded JSON of a 200 answer."""
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        assert resp.status == 200
+        return json.loads(resp.read())
+
+
 # ---------------------------------------------------------------- the whole path
 
 
@@ -293,17 +303,21 @@ async def test_gateway_and_orchestrator_work_over_tls_as_their_acl_users(
     certificates; the server's ACL LOG shows no denied command afterwards."""
     admin = secure.admin()
     admin.acl_log_reset()
-    gw = Gateway(secure.redis.url(), tmp_path / "gw.log", secure.env("relay-gw-acme"))
+    secret = secrets.token_hex(32)
+    auth = {"RELAY_AUTH_MODE": "jwt", "RELAY_AUTH_JWT_SECRET": secret}
+    gw = Gateway(secure.redis.url(), tmp_path / "gw.log", {**secure.env("relay-gw-acme"), **auth})
     gateways.append(gw)
     gw.start()  # ready: subscribed, and its probe (relay:acme:probe:G) came back
     rid, aid = str(uuid.uuid4()), str(uuid.uuid4())
+    # Scoped to the request: the gateway checks scope in Redis (HEXISTS, ZMSCORE).
+    token = mint_token(secret, tenant="acme", caps=CAPS, sub="ops", ttl_seconds=600, requests=[rid])
     async with RelayClient.from_config(secure.config("relay-orch-acme")) as orch:
         await orch.publish(rid, {"type": "synthesis_started", "request_id": rid})
         registry = CancelRegistry(orch.redis, orch.keys, poll_interval=0.2)
         await registry.start()
         try:
-            token = await registry.token(aid, lineage=[rid])
-            url = f"{gw.ws_url}?request_id={rid}&after_seq=0"
+            cancelled = await registry.token(aid, lineage=[rid])
+            url = f"{gw.ws_url}?request_id={rid}&after_seq=0&token={token}"
             async with WsClient(url) as viewer:
                 await viewer.wait_for(lambda c: len(c.events(rid)) == 1)  # replayed
                 await orch.publish(
@@ -322,7 +336,7 @@ async def test_gateway_and_orchestrator_work_over_tls_as_their_acl_users(
 
                 ack = await viewer.request({"type": "cancel_agent", "agent_id": aid}, "ack")
                 assert ack["type"] == "ack", ack
-                assert await asyncio.wait_for(token.wait(), 10)
+                assert await asyncio.wait_for(cancelled.wait(), 10)
 
                 budget = RequestBudget(orch.redis, orch.keys, rid)
                 state = BudgetState(BudgetStatus.EXHAUSTED, 20_000, 10_000)
@@ -340,8 +354,8 @@ async def test_gateway_and_orchestrator_work_over_tls_as_their_acl_users(
                     pause.cancel()
                 assert (outcome.decision, outcome.decided_by) == ("continue", "client")
 
-            status, body = http_get(gw.http + "/api/v1/requests")
-            assert status == 200 and rid.encode() in body, body
+            listing = await asyncio.to_thread(get_json, gw.http + "/api/v1/requests", token)
+            assert [r["request_id"] for r in listing["requests"]] == [rid]
         finally:
             await registry.close()
     assert gw.ready()
