@@ -57,6 +57,10 @@ class RedisConfig(_Section):
         "(`relay demo` starts its own embedded server unless a url is set)",
     )
     tenant: str = "default"
+    tenants: list[str] = Field(
+        default_factory=list,
+        description="tenants a gateway serves (its Redis ACL user covers them); empty: any",
+    )
     socket_timeout: PositiveFloat = 5.0
     publish_retry_seconds: Annotated[float, Field(ge=0)] = 10.0
     max_connections: PositiveInt = 64
@@ -83,6 +87,26 @@ class RedisConfig(_Section):
     @classmethod
     def _tenant(cls, value: str) -> str:
         return validate_tenant(value)
+
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _tenant_list(cls, value: object) -> object:
+        # From the environment a list arrives as "a,b"; in TOML as an array.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for tenant in value:
+            validate_tenant(tenant)
+        home = info.data.get("tenant")
+        if value and home is not None and home not in value:
+            # The gateway's probe channel and tokenless defaults are under
+            # redis.tenant: its ACL user must cover it too.
+            raise ValueError(f"must include redis.tenant ({home!r})")
+        return list(dict.fromkeys(value))
 
     @field_validator("tls_verify")
     @classmethod

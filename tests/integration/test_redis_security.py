@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import redis as redis_sync
+import websockets
 from redis.exceptions import NoPermissionError, ResponseError
 
 from relay import redisconn
@@ -362,6 +363,45 @@ async def test_gateway_and_orchestrator_work_over_tls_as_their_acl_users(
     assert denied_entries(admin) == [], denied_entries(admin)
     assert "NOPERM" not in gw.output()
     admin.close()
+
+
+async def test_a_token_for_a_tenant_outside_the_acl_is_refused_not_fatal(
+    secure: Secure, tmp_path: Path, gateways: list[Gateway]
+) -> None:
+    """A gateway whose Redis user covers only ``acme`` must not try to subscribe to
+    ``beta``'s channels for a valid ``beta`` token: Redis would refuse the SUBSCRIBE
+    and the shared pub/sub link, every tenant's delivery, would go down with it.
+    ``redis.tenants`` makes the gateway refuse such a token up front."""
+    secret = secrets.token_hex(32)
+    env = {
+        **secure.env("relay-gw-acme"),
+        "RELAY_REDIS_TENANTS": "acme",
+        "RELAY_AUTH_MODE": "jwt",
+        "RELAY_AUTH_JWT_SECRET": secret,
+    }
+    gw = Gateway(secure.redis.url(), tmp_path / "gw.log", env)
+    gateways.append(gw)
+    gw.start()
+    acme, beta = (
+        mint_token(secret, tenant=t, caps=CAPS, sub=t, ttl_seconds=600) for t in ("acme", "beta")
+    )
+    rid = str(uuid.uuid4())
+    async with WsClient(f"{gw.ws_url}?request_id={rid}&token={acme}") as viewer:
+        await viewer.request({"type": "ping"}, "pong")
+        refused = WsClient(f"{gw.ws_url}?token={beta}")
+        try:
+            await refused.__aenter__()
+            await asyncio.wait_for(refused.closed.wait(), 10)
+            assert refused.close_code == 1008
+        except websockets.InvalidStatus as exc:
+            assert exc.response.status_code in (401, 403)
+        finally:
+            await refused.close()
+        async with RelayClient.from_config(secure.config("relay-orch-acme")) as orch:
+            await orch.publish(rid, {"type": "synthesis_started", "request_id": rid})
+        await viewer.wait_for(lambda c: len(c.events(rid)) == 1)
+    assert gw.ready()
+    assert "no permissions" not in gw.output()
 
 
 async def test_the_cli_uses_the_tls_settings_and_acl_users(secure: Secure) -> None:

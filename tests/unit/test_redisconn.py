@@ -159,6 +159,16 @@ def test_defaults_build_no_tls() -> None:
     }
 
 
+def test_tenants_list_from_the_environment() -> None:
+    config = load_config(environ=env(tenant="acme", tenants="acme, beta,acme"))
+    assert config.redis.tenants == ["acme", "beta"]
+    assert "redis.tenants: Value error, must include redis.tenant ('acme')" in error(
+        tenant="acme", tenants="beta"
+    )
+    assert "redis.tenants: Value error, invalid tenant 'a*'" in error(tenants="default,a*")
+    assert load_config(environ={}).redis.tenants == []
+
+
 # ---------------------------------------------------------------- clients
 
 
