@@ -126,6 +126,8 @@ class Authenticator:
 
     config: AuthConfig
     default_tenant: str
+    tenants: frozenset[str] = frozenset()
+    """``redis.tenants``: the only tenants accepted (empty: any), those its Redis user covers."""
     secrets: list[str] = field(default_factory=list)
     public_keys: list[Any] = field(default_factory=list)
     algorithms: list[str] = field(default_factory=list)
@@ -136,7 +138,7 @@ class Authenticator:
     def from_config(cls, config: GlobalConfig) -> Authenticator:
         """Build from ``[auth]``; raises :class:`ConfigError` when jwt mode has no key."""
         ac = config.auth
-        auth = cls(ac, config.redis.tenant)
+        auth = cls(ac, config.redis.tenant, frozenset(config.redis.tenants))
         if ac.mode == "none":
             return auth
         auth.secrets = [s for s in (ac.jwt_secret, ac.jwt_previous_secret) if s]
@@ -261,6 +263,10 @@ class Authenticator:
             validate_tenant(tenant)
         except ValueError as exc:
             raise AuthError(f"claim 'tenant': {exc}") from None
+        if self.tenants and tenant not in self.tenants:
+            # Refused here, before the gateway subscribes to a tenant its Redis
+            # user may not read (a refused SUBSCRIBE breaks the shared link).
+            raise AuthError(f"tenant {tenant!r} is not served by this gateway (redis.tenants)")
         if not isinstance(caps, list) or not all(c in CAPS for c in caps):
             raise AuthError(f"claim 'caps' must be a list of {', '.join(CAPS)}")
         requests = claims.get("requests")

@@ -153,12 +153,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     events = _read_events(args)
 
     async def run() -> Any:
-        async with RelayClient.from_url(
-            config.redis.effective_url,
-            tenant=config.redis.tenant,
-            history=config.history,
-            publish_retry_seconds=config.redis.publish_retry_seconds,
-        ) as client:
+        async with RelayClient.from_config(config) as client:
             return await client.publish_many(args.request_id, events)
 
     try:
@@ -224,17 +219,15 @@ def cmd_scripts(args: argparse.Namespace) -> int:
 
 
 def _redis_action(args: argparse.Namespace, action: Callable[..., Any]) -> Any:
-    from redis.asyncio import Redis
     from redis.exceptions import RedisError
 
+    from . import redisconn
     from .keys import Keys
 
     config = _config(args)
 
     async def run() -> Any:
-        redis = Redis.from_url(
-            config.redis.effective_url, socket_timeout=config.redis.socket_timeout
-        )
+        redis = redisconn.client(config)
         try:
             return await action(redis, Keys(config.redis.tenant), config)
         finally:
@@ -243,7 +236,8 @@ def _redis_action(args: argparse.Namespace, action: Callable[..., Any]) -> Any:
     try:
         return asyncio.run(run())
     except RedisError as exc:
-        raise CliError(f"Redis at {config.redis.effective_url} failed: {exc}") from None
+        where = redisconn.redacted_url(config.redis.effective_url)
+        raise CliError(f"Redis at {where} failed: {exc}") from None
 
 
 def _uuid_arg(value: str) -> str:

@@ -26,7 +26,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .config import HistoryConfig
+from . import redisconn
+from .config import GlobalConfig, HistoryConfig, RedisConfig
 from .events import AgentEvent, AgentTextDelta, event_request_id, parse_event
 from .keys import Keys
 from .scripts import as_text, is_noscript, script
@@ -110,15 +111,37 @@ class RelayClient:
         publish_retry_seconds: float = 10.0,
         socket_timeout: float = 5.0,
     ) -> Self:
-        """A client with its own connection pool to ``url``."""
-        redis = Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
-        )
-        return cls(
-            redis,
-            tenant=tenant,
+        """A client with its own connection pool to ``url`` (TLS via ``rediss://`` query
+        parameters only; :meth:`from_config` takes every ``[redis]`` setting)."""
+        return cls.from_config(
+            RedisConfig(
+                url=url,
+                tenant=tenant,
+                publish_retry_seconds=publish_retry_seconds,
+                socket_timeout=socket_timeout,
+            ),
             history=history,
-            publish_retry_seconds=publish_retry_seconds,
+        )
+
+    @classmethod
+    def from_config(
+        cls, config: RedisConfig | GlobalConfig, *, history: HistoryConfig | None = None
+    ) -> Self:
+        """A client with its own connection pool, built from ``[redis]``.
+
+        The URL (with its ACL user), TLS files and ``tls_verify``,
+        ``socket_timeout``, ``max_connections``, ``pool_timeout``, ``tenant`` and
+        ``publish_retry_seconds`` all apply. Given a :class:`GlobalConfig`, its
+        ``[history]`` is used unless ``history`` is passed.
+        """
+        rc = redisconn.redis_config(config)
+        if history is None and isinstance(config, GlobalConfig):
+            history = config.history
+        return cls(
+            redisconn.client(rc),
+            tenant=rc.tenant,
+            history=history,
+            publish_retry_seconds=rc.publish_retry_seconds,
         )
 
     @property

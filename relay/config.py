@@ -12,16 +12,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -42,22 +45,43 @@ class _Section(BaseModel):
 
 
 class RedisConfig(_Section):
+    """``[redis]``: where Redis is and how to reach it (see relay/redisconn.py).
+
+    The TLS settings need a ``rediss://`` URL: with ``redis://`` (or
+    ``unix://``) they are an error rather than ignored, so a CA file in the
+    config never hides a plain-text connection.
+    """
+
     url: str = Field(
         default="",
         description="redis:// or rediss:// URL; empty means 127.0.0.1:6379 "
         "(`relay demo` starts its own embedded server unless a url is set)",
     )
     tenant: str = "default"
+    tenants: list[str] = Field(
+        default_factory=list,
+        description="tenants a gateway serves (its Redis ACL user covers them); empty: any",
+    )
     socket_timeout: PositiveFloat = 5.0
     publish_retry_seconds: Annotated[float, Field(ge=0)] = 10.0
     max_connections: PositiveInt = 64
     pool_timeout: PositiveFloat = 5.0
+    tls_verify: bool = Field(default=True, validate_default=True)
+    tls_ca_file: str = Field(default="", validate_default=True)
+    tls_cert_file: str = Field(default="", validate_default=True)
+    tls_key_file: str = Field(default="", validate_default=True)
 
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        if value:
+            try:
+                parts = urlsplit(value)
+                parts.port  # noqa: B018 - raises on a port that is not a number
+            except ValueError as exc:
+                raise ValueError(f"not a valid URL: {exc}") from None
         return value
 
     @field_validator("tenant")
@@ -65,9 +89,109 @@ class RedisConfig(_Section):
     def _tenant(cls, value: str) -> str:
         return validate_tenant(value)
 
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _tenant_list(cls, value: object) -> object:
+        # From the environment a list arrives as "a,b"; in TOML as an array.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for tenant in value:
+            validate_tenant(tenant)
+        home = info.data.get("tenant")
+        if value and home is not None and home not in value:
+            # The gateway's probe channel and tokenless defaults are under
+            # redis.tenant: its ACL user must cover it too.
+            raise ValueError(f"must include redis.tenant ({home!r})")
+        return list(dict.fromkeys(value))
+
+    @field_validator("tls_verify")
+    @classmethod
+    def _verify(cls, value: bool, info: ValidationInfo) -> bool:
+        if not value:
+            _needs_tls(info)
+        return value
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca(cls, value: str, info: ValidationInfo) -> str:
+        if value:
+            _needs_tls(info)
+            _readable(value)
+            try:
+                ssl.create_default_context(cafile=value)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(f"{value} holds no usable CA certificate (PEM): {exc}") from None
+        return value
+
+    @field_validator("tls_cert_file")
+    @classmethod
+    def _cert(cls, value: str, info: ValidationInfo) -> str:
+        if value:
+            _needs_tls(info)
+            _readable(value)
+        return value
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _key(cls, value: str, info: ValidationInfo) -> str:
+        cert = info.data.get("tls_cert_file")
+        if value:
+            _needs_tls(info)
+            _readable(value)
+            if "tls_cert_file" in info.data and not cert:
+                raise ValueError("set without redis.tls_cert_file (the client certificate)")
+        if not cert:
+            return value
+        if not value and b"PRIVATE KEY-----" not in Path(cert).read_bytes():
+            raise ValueError(
+                f"required with redis.tls_cert_file ({cert} holds no private key of its own)"
+            )
+        try:
+            ssl.create_default_context().load_cert_chain(cert, value or None)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"cannot load the client certificate {cert} with the key {value or cert}: "
+                f"{exc} (a key that does not match the certificate, or not PEM)"
+            ) from None
+        return value
+
     @property
     def effective_url(self) -> str:
         return self.url or "redis://127.0.0.1:6379/0"
+
+
+def _needs_tls(info: ValidationInfo) -> None:
+    """A TLS setting needs a rediss:// URL whose own ssl_* parameters do not also set TLS."""
+    if "url" not in info.data:
+        return  # the url itself is invalid and reported
+    url = info.data["url"] or "redis://127.0.0.1:6379/0"
+    if not url.startswith("rediss://"):
+        raise ValueError(
+            f"needs a rediss:// url (TLS), but redis.url is {url.split(':', 1)[0]}://: "
+            "the connection would be plain text; use rediss:// or remove the setting"
+        )
+    params = sorted(k for k in parse_qs(urlsplit(url).query) if k.startswith("ssl_"))
+    if params:
+        raise ValueError(
+            f"redis.url carries TLS query parameters ({', '.join(params)}) too: "
+            "configure TLS in one place, preferably the [redis] tls_* settings"
+        )
+
+
+def _readable(path: str) -> None:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"no such file: {path}")
+    try:
+        with file.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
 
 
 class GatewayConfig(_Section):

@@ -40,7 +40,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from .config import GlobalConfig
+from . import redisconn
+from .config import GlobalConfig, RedisConfig
 
 REDIS_URL_ENV = "RELAY_REDIS_URL"
 READY_TIMEOUT = 30.0
@@ -171,9 +172,9 @@ class Demo:
             self.start_embedded_redis()
             return
         source = self.redis_source()
-        if not _redis_answers(configured):
+        if not _redis_answers(self.config.redis):
             raise DemoError(
-                f"no Redis answers at {configured} (from {source}).\n"
+                f"no Redis answers at {redisconn.redacted_url(configured)} (from {source}).\n"
                 "Start it, or remove that setting to let the demo start its own "
                 "embedded Redis."
             )
@@ -198,7 +199,12 @@ class Demo:
             child = self.spawn("redis", argv)
             url = f"redis://127.0.0.1:{port}/0"
             try:
-                self.wait(functools.partial(_redis_answers, url), 10, [child], "the embedded Redis")
+                self.wait(
+                    functools.partial(_redis_answers, RedisConfig(url=url)),
+                    10,
+                    [child],
+                    "the embedded Redis",
+                )
             except DemoError as exc:
                 last_error = str(exc)
                 _stop_children([child], 2.0)
@@ -344,11 +350,10 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _redis_answers(url: str) -> bool:
-    from redis import Redis
+def _redis_answers(config: RedisConfig) -> bool:
     from redis.exceptions import RedisError
 
-    client = Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    client = redisconn.sync_client(config, socket_timeout=1.0)
     try:
         return bool(client.ping())
     except (RedisError, OSError):

@@ -16,12 +16,16 @@ Layout (``T`` is the tenant, ``R`` a request id, ``X`` an agent or request id)::
     relay:T:req:{R}:events       channel every frame of request R
     relay:T:events               channel every frame of the tenant (firehose)
     relay:T:cancels              channel cancel nudges (payload: the tombstone JSON)
-    relay:probe:G                channel liveness probe of gateway G
+    relay:T:probe:G              channel liveness probe of gateway G (T: its redis.tenant)
 
 The part in braces is a Redis Cluster hash tag: every key of one request lands
 in the same slot, so the Lua scripts that touch them all stay single-slot. A
 cancel tombstone for a request id shares that slot too. ``active`` is a
 tenant-wide index and is written in the same pipeline, never inside a script.
+
+Everything, the gateways' probe channels included, is under ``relay:T:``, so
+one ACL rule (``~relay:T:* &relay:T:*``) confines a Redis user to one tenant
+(deploy/redis-acl/).
 """
 
 from __future__ import annotations
@@ -122,6 +126,11 @@ class Keys:
         return None
 
 
-def probe_channel(gateway_id: str) -> str:
-    """The liveness probe channel of one gateway process."""
-    return f"{PREFIX}:probe:{gateway_id}"
+def probe_channel(tenant: str, gateway_id: str) -> str:
+    """The liveness probe channel of one gateway process, under its tenant.
+
+    Under ``relay:T:`` (not a global ``relay:probe:``) so a gateway's Redis
+    user needs no channel outside its tenant, and a user of another tenant
+    can neither read nor spoof this gateway's probe.
+    """
+    return f"{Keys(tenant)._base}:probe:{gateway_id}"

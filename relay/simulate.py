@@ -238,13 +238,7 @@ def run_simulate_cli(args: argparse.Namespace, config: GlobalConfig) -> int:
 async def _run_cli(
     options: SimOptions, config: GlobalConfig, runs: int | None, args: argparse.Namespace
 ) -> None:
-    client = RelayClient.from_url(
-        config.redis.effective_url,
-        tenant=config.redis.tenant,
-        history=config.history,
-        publish_retry_seconds=config.redis.publish_retry_seconds,
-        socket_timeout=config.redis.socket_timeout,
-    )
+    client = RelayClient.from_config(config)
     registry = CancelRegistry(client.redis, client.keys, poll_interval=config.cancel.poll_interval)
     stopping = asyncio.Event()
     main = asyncio.current_task()

@@ -15,11 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -28,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from .. import redisconn
 from ..auth import (
     CLOSE_POLICY,
     SUBPROTOCOL,
@@ -72,45 +69,12 @@ class Services:
 
 
 def _redis_clients(config: GlobalConfig) -> tuple[Redis, Redis, Redis]:
-    rc = config.redis
-    url = rc.effective_url
-    timeout = rc.socket_timeout
-    # Commands wait for a free pooled connection (up to pool_timeout) instead
-    # of failing with "Too many connections" under a burst; a command that
-    # meets a connection Redis closed (a restart) is retried on a fresh one
-    # with backoff, for about as long as a restart takes. Every command the
-    # gateway sends is a read or safe to repeat (cancel tombstones, pause-scoped
-    # answers), so a retry after an ambiguous failure does no harm.
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=rc.max_connections,
-        timeout=rc.pool_timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), 8),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    # Built by relay/redisconn.py from [redis], like every Redis client relay uses.
+    return (
+        redisconn.command_client(config),
+        redisconn.control_client(config),
+        redisconn.pubsub_client(config),
     )
-    commands = Redis(connection_pool=pool)
-    # The pub/sub client must surface every connection error instead of
-    # quietly reconnecting and resubscribing: the hub recovers itself and
-    # backfills what was published meanwhile.
-    pubsub = Redis.from_url(
-        url,
-        socket_connect_timeout=timeout,
-        socket_keepalive=True,
-        retry=Retry(NoBackoff(), 0),
-    )
-    # Health traffic (the delivery probe, /readyz's ping) has a small pool of
-    # its own: a burst of commands or history reads that fills the main pool
-    # must not make a healthy gateway look dead and rebuild its subscription.
-    control = Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        max_connections=4,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.2), 2),
-    )
-    return commands, control, pubsub
 
 
 def services(scope_holder: Request | WebSocket) -> Services:

@@ -404,7 +404,7 @@ class Hub:
             pubsub_redis,
             metrics,
             self,
-            probe_channel(self.gateway_id),
+            probe_channel(config.redis.tenant, self.gateway_id),
             self.log,
         )
         self._tenants: dict[str, TenantHub] = {}

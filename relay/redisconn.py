@@ -1,0 +1,223 @@
+"""Every Redis client relay uses, built in one place from the ``[redis]`` config.
+
+The gateway, the SDK (:class:`relay.client.RelayClient`), the CLI, the
+simulator and the demo all come here, so a ``[redis]`` setting (the URL and
+its ACL user, TLS files, ``tls_verify``, ``socket_timeout``, the pool size)
+applies to every connection relay opens, not only to the ones someone
+remembered to pass it to.
+
+URLs: ``redis://[user:password@]host:port/db`` (plain TCP),
+``rediss://...`` (TLS) or ``unix:///path/redis.sock``. The ACL user and
+password travel in the URL; :func:`redacted_url` is what may be logged.
+
+TLS: ``rediss://`` plus ``tls_ca_file`` (the CA that signed the server's
+certificate; empty means the system trust store), ``tls_cert_file`` and
+``tls_key_file`` (a client certificate, for servers started with
+``tls-auth-clients yes``). Verification of the server's certificate and host
+name is on unless ``tls_verify = false``, and every client built without it
+logs a WARNING naming the risk. The older ``ssl_*`` URL query parameters
+still work (redis-py reads them, and they win over keyword arguments); a URL
+carrying ``ssl_cert_reqs=none`` gets the same warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import redis as redis_sync
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .config import GlobalConfig, RedisConfig
+
+log = logging.getLogger(__name__)
+
+Role = Literal["gateway commands", "gateway control", "gateway pub/sub", "client", "probe"]
+
+CONTROL_MAX_CONNECTIONS = 4
+"""The gateway's health pool (delivery probe, /readyz): small and separate."""
+
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+def redis_config(config: RedisConfig | GlobalConfig) -> RedisConfig:
+    """The ``[redis]`` section of ``config`` (which may already be one)."""
+    return config.redis if isinstance(config, GlobalConfig) else config
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: what logs and errors may show."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def url_tls_params(url: str) -> dict[str, str]:
+    """The ``ssl_*`` query parameters of ``url`` (the undocumented way TLS used to work)."""
+    query = parse_qs(urlsplit(url).query)
+    return {k: v[-1] for k, v in query.items() if k.startswith("ssl_")}
+
+
+def insecure_reasons(rc: RedisConfig) -> list[str]:
+    """Why TLS connections built from ``rc`` would not verify the server (empty: they do)."""
+    url = rc.effective_url
+    if not url.startswith("rediss://"):
+        return []
+    reasons = []
+    if not rc.tls_verify:
+        reasons.append("redis.tls_verify = false")
+    params = url_tls_params(url)
+    if params.get("ssl_cert_reqs", "").lower() in ("none", "cert_none"):
+        reasons.append("redis.url carries ssl_cert_reqs=none")
+    elif rc.tls_verify and params.get("ssl_check_hostname", "").lower() in _FALSE:
+        reasons.append("redis.url carries ssl_check_hostname=false (host name not checked)")
+    return reasons
+
+
+def _warn_if_insecure(rc: RedisConfig, role: Role) -> None:
+    reasons = insecure_reasons(rc)
+    if reasons:
+        # Logged at every client build, not once per process: it must not
+        # scroll away in a long-running gateway's startup noise.
+        log.warning(
+            "INSECURE Redis TLS for the %s client: server certificate verification is OFF "
+            "(%s). Anyone on the network path to %s can impersonate Redis, read every event "
+            "and forge cancels and budget answers. Set redis.tls_ca_file to the CA that "
+            "signed the server certificate and remove the setting.",
+            role,
+            "; ".join(reasons),
+            redacted_url(rc.effective_url),
+            extra={"redis_role": role},
+        )
+
+
+def tls_kwargs(rc: RedisConfig) -> dict[str, Any]:
+    """redis-py connection keyword arguments for the TLS settings of ``rc`` ({} without TLS)."""
+    if not rc.effective_url.startswith("rediss://"):
+        return {}
+    kwargs: dict[str, Any] = {}
+    if rc.tls_ca_file:
+        kwargs["ssl_ca_certs"] = rc.tls_ca_file
+    if rc.tls_cert_file:
+        kwargs["ssl_certfile"] = rc.tls_cert_file
+        kwargs["ssl_keyfile"] = rc.tls_key_file or None
+    if rc.tls_verify:
+        kwargs["ssl_cert_reqs"] = "required"
+        kwargs["ssl_check_hostname"] = True
+    else:
+        kwargs["ssl_cert_reqs"] = "none"
+        kwargs["ssl_check_hostname"] = False
+    return kwargs
+
+
+def _connection_kwargs(rc: RedisConfig, role: Role, **overrides: Any) -> dict[str, Any]:
+    _warn_if_insecure(rc, role)
+    timeout = rc.socket_timeout
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        **tls_kwargs(rc),
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+def command_client(config: RedisConfig | GlobalConfig) -> Redis:
+    """The gateway's command client: a bounded, blocking pool with retries.
+
+    Commands wait for a free pooled connection (up to ``pool_timeout``)
+    instead of failing with "Too many connections" under a burst; a command
+    that meets a connection Redis closed (a restart) is retried on a fresh one
+    with backoff, for about as long as a restart takes. Every command the
+    gateway sends is a read or safe to repeat (cancel tombstones, pause-scoped
+    answers), so a retry after an ambiguous failure does no harm.
+    """
+    rc = redis_config(config)
+    pool = BlockingConnectionPool.from_url(
+        rc.effective_url,
+        max_connections=rc.max_connections,
+        timeout=rc.pool_timeout,
+        **_connection_kwargs(
+            rc,
+            "gateway commands",
+            retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), 8),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        ),
+    )
+    return Redis.from_pool(pool)
+
+
+def control_client(config: RedisConfig | GlobalConfig) -> Redis:
+    """The gateway's health client (delivery probe, ``/readyz``'s ping).
+
+    A small pool of its own: a burst of commands or history reads that fills
+    the main pool must not make a healthy gateway look dead and rebuild its
+    subscription.
+    """
+    rc = redis_config(config)
+    return Redis.from_url(
+        rc.effective_url,
+        **_connection_kwargs(
+            rc,
+            "gateway control",
+            max_connections=CONTROL_MAX_CONNECTIONS,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.2), 2),
+        ),
+    )
+
+
+def pubsub_client(config: RedisConfig | GlobalConfig) -> Redis:
+    """The gateway's pub/sub client: every connection error surfaces, none is retried.
+
+    It must not quietly reconnect and resubscribe: the hub recovers itself and
+    backfills what was published meanwhile. No read timeout (a subscribed
+    connection is idle between messages; the delivery probe watches it), but
+    TCP keepalive and a connect timeout.
+    """
+    rc = redis_config(config)
+    # TCP keepalive (not a unix socket option) finds a peer that vanished.
+    keepalive = {} if rc.effective_url.startswith("unix://") else {"socket_keepalive": True}
+    kwargs = _connection_kwargs(rc, "gateway pub/sub", retry=Retry(NoBackoff(), 0), **keepalive)
+    del kwargs["socket_timeout"]
+    return Redis.from_url(rc.effective_url, **kwargs)
+
+
+def client(config: RedisConfig | GlobalConfig, *, socket_timeout: float | None = None) -> Redis:
+    """A client for the SDK and the CLI: a blocking pool of ``max_connections``.
+
+    ``socket_timeout`` (default ``redis.socket_timeout``) bounds connecting and
+    every reply; a command waits up to ``pool_timeout`` for a free connection.
+    Errors are not retried here: :class:`relay.client.RelayClient` retries
+    publishes itself, with the publish id that makes a retry safe.
+    """
+    rc = redis_config(config)
+    timeout = rc.socket_timeout if socket_timeout is None else socket_timeout
+    pool = BlockingConnectionPool.from_url(
+        rc.effective_url,
+        max_connections=rc.max_connections,
+        timeout=rc.pool_timeout,
+        **_connection_kwargs(rc, "client", socket_timeout=timeout, socket_connect_timeout=timeout),
+    )
+    return Redis.from_pool(pool)
+
+
+def sync_client(config: RedisConfig | GlobalConfig, *, socket_timeout: float) -> redis_sync.Redis:
+    """A synchronous client (``relay demo`` checks with it that Redis answers)."""
+    rc = redis_config(config)
+    return redis_sync.Redis.from_url(
+        rc.effective_url,
+        **_connection_kwargs(
+            rc, "probe", socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+        ),
+    )
