@@ -236,10 +236,8 @@ async def test_busy_writers_take_turns(fake_redis: fakeredis.FakeAsyncRedis) -> 
     """A send to a socket with room never suspends, so without turns the first
     writer with a full queue would hold the event loop for its whole queue,
     starving every other client, pings and the delivery probe."""
-    from relay.config import GlobalConfig
     from relay.gateway.sendqueue import SendTurns
     from relay.gateway.store import RequestStore
-    from relay.gateway.writer import OrderedWriter
     from relay.keys import Keys
 
     order: list[str] = []
@@ -253,24 +251,9 @@ async def test_busy_writers_take_turns(fake_redis: fakeredis.FakeAsyncRedis) -> 
 
     turns = SendTurns(frames_per_round=1)  # yield after every frame
     store = RequestStore(fake_redis, Keys())
-    writers, tasks = [], []
+    tasks = []
     for name in ("a", "b"):
-        queue = SendQueue(1000, 1 << 24, "drop_oldest", Metrics(), turns=turns)
-        rid = str(uuid.uuid4())
-        for seq in range(1, 201):
-            queue.push_event(Envelope(rid, seq, "e", "agent_text_delta", "{}", nbytes=2))
-        writer = OrderedWriter(
-            Sink(name),  # type: ignore[arg-type]
-            queue,
-            store,
-            GlobalConfig(),
-            Metrics(),
-            wants=lambda r: True,
-            subscribed=lambda r: False,
-            runs=set(),
-        )
-        writers.append(writer)
-        tasks.append(asyncio.create_task(writer.run()))
+        tasks.append(asyncio.create_task(busy_writer(Sink(name), turns, store, 1000, 200).run()))
     try:
         async with asyncio.timeout(5):
             while len(order) < 400:
@@ -290,10 +273,8 @@ async def test_turns_count_queues_with_work_not_running_writers(
     running: the share must come from how many have work waiting, or each
     writer thinks it is alone and drains its whole queue (a round of 300
     writers then took seconds under overload)."""
-    from relay.config import GlobalConfig
     from relay.gateway.sendqueue import SendTurns
     from relay.gateway.store import RequestStore
-    from relay.gateway.writer import OrderedWriter
     from relay.keys import Keys
 
     order: list[int] = []
@@ -309,21 +290,7 @@ async def test_turns_count_queues_with_work_not_running_writers(
     store = RequestStore(fake_redis, Keys())
     writers, tasks = 300, []
     for n in range(writers):
-        queue = SendQueue(100, 1 << 24, "drop_oldest", Metrics(), turns=turns)
-        rid = str(uuid.uuid4())
-        for seq in range(1, 11):
-            queue.push_event(Envelope(rid, seq, "e", "agent_text_delta", "{}", nbytes=2))
-        writer = OrderedWriter(
-            Sink(n),  # type: ignore[arg-type]
-            queue,
-            store,
-            GlobalConfig(),
-            Metrics(),
-            wants=lambda r: True,
-            subscribed=lambda r: False,
-            runs=set(),
-        )
-        tasks.append(asyncio.create_task(writer.run()))
+        tasks.append(asyncio.create_task(busy_writer(Sink(n), turns, store, 100, 10).run()))
     assert turns.pending == writers
     try:
         async with asyncio.timeout(5):
@@ -336,3 +303,24 @@ async def test_turns_count_queues_with_work_not_running_writers(
     # The first round: one frame from each writer, not ten from a few.
     assert len(set(order[:writers])) == writers
     assert turns.pending == 0
+
+
+def busy_writer(sink: Any, turns: Any, store: Any, queue_max: int, events: int) -> Any:
+    """A writer whose queue already holds ``events`` events of one request."""
+    from relay.config import GlobalConfig
+    from relay.gateway.writer import OrderedWriter
+
+    queue = SendQueue(queue_max, 1 << 24, "drop_oldest", Metrics(), turns=turns)
+    rid = str(uuid.uuid4())
+    for seq in range(1, events + 1):
+        queue.push_event(Envelope(rid, seq, "e", "agent_text_delta", "{}", nbytes=2))
+    return OrderedWriter(
+        sink,
+        queue,
+        store,
+        GlobalConfig(),
+        Metrics(),
+        wants=lambda r: True,
+        subscribed=lambda r: False,
+        runs=set(),
+    )
