@@ -31,10 +31,10 @@ import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from relay.budget import BudgetState, BudgetStatus, RequestBudget
-from relay.cancel import CancelRegistry
-from relay.client import RelayClient
-from relay.events import BudgetDecision, BudgetWarning
+from relay.orchestrator.budget import BudgetState, BudgetStatus, RequestBudget
+from relay.orchestrator.cancel import CancelRegistry
+from relay.orchestrator.client import RelayClient
+from relay.wire.events import BudgetDecision, BudgetWarning
 from tests.support import Gateway, RedisServer
 
 

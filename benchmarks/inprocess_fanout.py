@@ -34,7 +34,7 @@ from relay.gateway.metrics import Metrics
 from relay.gateway.sendqueue import SendQueue
 from relay.gateway.store import RequestStore
 from relay.gateway.writer import OrderedWriter
-from relay.keys import Keys
+from relay.wire.keys import Keys
 
 
 class NullSocket:

@@ -3,7 +3,7 @@
 Starts its own redis-server (no persistence) on a free port and publishes
 ``agent_text_delta`` events (the hot path: many small events, no state
 update) and a mix with stateful events (spawns, budget updates, completions)
-through :class:`relay.client.RelayClient`:
+through :class:`relay.orchestrator.client.RelayClient`:
 
 * ``unbatched``: one ``publish`` per event, one at a time (round-trip bound);
 * ``concurrent``: one ``publish`` per event, ``--concurrency`` calls in flight
@@ -17,7 +17,7 @@ For each it prints events/s seen by the client and the server's own time per
 event (``INFO commandstats`` of EVALSHA divided by the events per call), which
 isolates the script from Python and network noise. ``--compare FILE`` measures
 another version of ``publish.lua`` alongside (for example an older one:
-``git show <commit>:relay/lua/publish.lua > old.lua``), phase by phase in
+``git show <commit>:relay/wire/lua/publish.lua > old.lua``), phase by phase in
 alternating order, so that both see the same machine load.
 
 Run: ``python benchmarks/publish_script.py [--events 10000] [--rounds 3] [--compare FILE]``.
@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from redis.asyncio import Redis
 
-from relay.client import RelayClient, encode_event
-from relay.scripts import LuaScript
+from relay.orchestrator.client import RelayClient, encode_event
+from relay.wire.scripts import LuaScript
 from tests.support import RedisServer
 
 Event = dict[str, Any]
@@ -179,7 +179,7 @@ async def main(args: argparse.Namespace) -> None:
             server.stop()
     if args.compare:
         print(f"compare: {args.compare}")
-    print(f"package: relay/lua/publish.lua   ({args.rounds} rounds, medians)")
+    print(f"package: relay/wire/lua/publish.lua   ({args.rounds} rounds, medians)")
     for kind, name in PHASES:
         if args.phases and name not in args.phases:
             continue

@@ -34,8 +34,8 @@ import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from relay.client import RelayClient
 from relay.config import HistoryConfig
+from relay.orchestrator.client import RelayClient
 from tests.support import Gateway, RedisServer
 
 

@@ -32,7 +32,7 @@ import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from relay.client import RelayClient
+from relay.orchestrator.client import RelayClient
 from tests.support import Gateway, RedisServer
 
 

@@ -6,12 +6,18 @@ decisions travel back through Redis (:class:`CancelRegistry`,
 :class:`RequestBudget`).
 """
 
-from .budget import BudgetState, BudgetStatus, NoPendingDecision, PauseOutcome, RequestBudget
-from .cancel import CancelRegistry, CancelToken, request_cancel
-from .client import Published, PublishError, RelayClient
-from .config import ConfigError, GlobalConfig, load_config
-from .events import AgentEvent, parse_event
-from .keys import Keys
+from relay.config import ConfigError, GlobalConfig, load_config
+from relay.orchestrator.budget import (
+    BudgetState,
+    BudgetStatus,
+    NoPendingDecision,
+    PauseOutcome,
+    RequestBudget,
+)
+from relay.orchestrator.cancel import CancelRegistry, CancelToken, request_cancel
+from relay.orchestrator.client import Published, PublishError, RelayClient
+from relay.wire.events import AgentEvent, parse_event
+from relay.wire.keys import Keys
 
 __all__ = [
     "AgentEvent",
@@ -39,7 +45,7 @@ def __getattr__(name: str) -> object:
     # The gateway (Starlette, uvicorn, Prometheus) is imported only when asked
     # for, so orchestrators using the SDK do not pay for it.
     if name == "create_app":
-        from .gateway import create_app
+        from relay.gateway import create_app
 
         return create_app
     raise AttributeError(f"module 'relay' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``python -m relay``: the same as the ``relay`` command."""
 
-from .cli import main
+from relay.tools.cli import main
 
 raise SystemExit(main())

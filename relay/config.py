@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from .keys import validate_tenant
+from relay.wire.keys import validate_tenant
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class AuthConfig(_Section):
     """Who may connect, and how tokens are checked. See docs/SECURITY.md.
 
     ``mode = "jwt"`` is the default: a gateway refuses to start without a key
-    (see :func:`relay.auth.Authenticator.from_config`), so running without
+    (see :func:`relay.gateway.auth.Authenticator.from_config`), so running without
     authentication is always a decision written down (``mode = "none"``).
     """
 

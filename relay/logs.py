@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from .config import LogConfig
+from relay.config import LogConfig
 
 # Attributes a caller may attach with ``extra=`` that are worth a JSON field.
 CONTEXT_FIELDS = ("request_id", "agent_id", "gateway_id", "connection_id", "command")

@@ -1,6 +1,6 @@
 """Every Redis client relay uses, built in one place from the ``[redis]`` config.
 
-The gateway, the SDK (:class:`relay.client.RelayClient`), the CLI, the
+The gateway, the SDK (:class:`relay.orchestrator.client.RelayClient`), the CLI, the
 simulator and the demo all come here, so a ``[redis]`` setting (the URL and
 its ACL user, TLS files, ``tls_verify``, ``socket_timeout``, the pool size)
 applies to every connection relay opens, not only to the ones someone
@@ -33,7 +33,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .config import GlobalConfig, RedisConfig
+from relay.config import GlobalConfig, RedisConfig
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def client(config: RedisConfig | GlobalConfig, *, socket_timeout: float | None =
 
     ``socket_timeout`` (default ``redis.socket_timeout``) bounds connecting and
     every reply; a command waits up to ``pool_timeout`` for a free connection.
-    Errors are not retried here: :class:`relay.client.RelayClient` retries
+    Errors are not retried here: :class:`relay.orchestrator.client.RelayClient` retries
     publishes itself, with the publish id that makes a retry safe.
     """
     rc = redis_config(config)

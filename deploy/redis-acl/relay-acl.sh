@@ -43,7 +43,7 @@ shift 2
 
 [[ "$user" =~ ^[A-Za-z0-9_.-]{1,64}$ ]] || { echo "$0: invalid user name: $user" >&2; exit 2; }
 for tenant in "$@"; do
-  # The tenant rule of relay/keys.py: no glob characters can reach a pattern.
+  # The tenant rule of relay/wire/keys.py: no glob characters can reach a pattern.
   [[ "$tenant" =~ ^[A-Za-z0-9_.-]{1,64}$ ]] || { echo "$0: invalid tenant: $tenant" >&2; exit 2; }
 done
 if [[ -z "${RELAY_ACL_PASSWORD:-}" ]]; then

@@ -1,5 +1,5 @@
 """The WebSocket gateway: Starlette app, pub/sub hub, per-client connections."""
 
-from .app import create_app
+from relay.gateway.app import create_app
 
 __all__ = ["create_app"]

@@ -2,13 +2,13 @@
 
 Shared by the WebSocket and the REST routes, so both answer (and authorize)
 the same way. Every command acts in its principal's tenant only, and only
-with the capability it needs (:func:`relay.auth.required_cap`).
+with the capability it needs (:func:`relay.gateway.auth.required_cap`).
 
 A cancel names an agent id, and which request an agent belongs to is not
 part of the command. A token scoped to ``requests`` may cancel a request id
 it holds, or an agent that one of its requests' state (``relay:T:req:{R}:state``,
 one hash field per agent, written by the publish script) knows: one HEXISTS
-per request in the scope, at most :data:`relay.auth.MAX_TOKEN_REQUESTS`. An
+per request in the scope, at most :data:`relay.gateway.auth.MAX_TOKEN_REQUESTS`. An
 agent whose ``agent_spawned`` was not published yet cannot be cancelled
 with a scoped token; a tenant-wide token (no ``requests`` claim) may cancel
 any id of its tenant.
@@ -25,10 +25,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ..auth import Principal, anonymous_principal
-from ..budget import Decision, NoPendingDecision, answer_budget
-from ..cancel import request_cancel
-from ..commands import (
+from relay.config import GlobalConfig
+from relay.gateway.auth import Principal, anonymous_principal
+from relay.gateway.metrics import Metrics
+from relay.orchestrator.budget import Decision, NoPendingDecision, answer_budget
+from relay.orchestrator.cancel import request_cancel
+from relay.wire.commands import (
     BudgetContinue,
     BudgetStop,
     CancelAgent,
@@ -36,9 +38,7 @@ from ..commands import (
     CommandError,
     parse_command,
 )
-from ..config import GlobalConfig
-from ..keys import Keys
-from .metrics import Metrics
+from relay.wire.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Actions:
             return
         pipe = self.redis.pipeline(transaction=False)
         for rid in sorted(who.requests):
-            # One hash field per agent, "a:<agent_id>" (see relay/lua/publish.lua).
+            # One hash field per agent, "a:<agent_id>" (see relay/wire/lua/publish.lua).
             pipe.hexists(keys.request(rid).state, f"a:{target}")
         if not any(await pipe.execute()):
             raise CommandError("forbidden", f"the token does not cover agent {target}")

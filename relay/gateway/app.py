@@ -24,8 +24,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from .. import redisconn
-from ..auth import (
+from relay import redisconn
+from relay.config import GlobalConfig, load_config
+from relay.gateway.actions import Actions
+from relay.gateway.auth import (
     CLOSE_POLICY,
     SUBPROTOCOL,
     Authenticator,
@@ -34,16 +36,14 @@ from ..auth import (
     anonymous_principal,
     websocket_token,
 )
-from ..commands import CommandError, load_object
-from ..config import GlobalConfig, load_config
-from .actions import Actions
-from .connection import Connection
-from .guard import HttpRefusal, OriginGuard, require_json, rest_principal
-from .hub import Hub
-from .limits import HTTP_STATUS, Limits, read_body, subject_key
-from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .sendqueue import SendTurns
-from .static import console_routes
+from relay.gateway.connection import Connection
+from relay.gateway.guard import HttpRefusal, OriginGuard, require_json, rest_principal
+from relay.gateway.hub import Hub
+from relay.gateway.limits import HTTP_STATUS, Limits, read_body, subject_key
+from relay.gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from relay.gateway.sendqueue import SendTurns
+from relay.gateway.static import console_routes
+from relay.wire.commands import CommandError, load_object
 
 log = logging.getLogger(__name__)
 

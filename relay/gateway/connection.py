@@ -23,15 +23,24 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ..aio import stop_task
-from ..auth import (
+from relay.aio import stop_task
+from relay.config import GlobalConfig
+from relay.gateway.auth import (
     CLOSE_TOKEN_EXPIRED,
     Authenticator,
     AuthError,
     Principal,
     anonymous_principal,
 )
-from ..commands import (
+from relay.gateway.envelope import Envelope
+from relay.gateway.hub import HubUnavailable, TenantHub
+from relay.gateway.limits import CLOSE_POLICY_VIOLATION, Limits, flush, subject_key
+from relay.gateway.metrics import Metrics
+from relay.gateway.sendqueue import CLOSE_TRY_AGAIN_LATER, Begin, Reset, SendQueue, SendTurns
+from relay.gateway.store import RequestStore
+from relay.gateway.writer import OrderedWriter, dumps
+from relay.logs import LogOnce
+from relay.wire.commands import (
     Command,
     CommandError,
     Ping,
@@ -43,15 +52,6 @@ from ..commands import (
     error_frame,
     parse_command,
 )
-from ..config import GlobalConfig
-from ..logs import LogOnce
-from .envelope import Envelope
-from .hub import HubUnavailable, TenantHub
-from .limits import CLOSE_POLICY_VIOLATION, Limits, flush, subject_key
-from .metrics import Metrics
-from .sendqueue import CLOSE_TRY_AGAIN_LATER, Begin, Reset, SendQueue, SendTurns
-from .store import RequestStore
-from .writer import OrderedWriter, dumps
 
 log = logging.getLogger(__name__)
 log_once = LogOnce(log)

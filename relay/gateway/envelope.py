@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from ..events import WORKFLOW_TYPES
-from ..scripts import as_text
+from relay.wire.events import WORKFLOW_TYPES
+from relay.wire.scripts import as_text
 
 
 class EnvelopeError(ValueError):

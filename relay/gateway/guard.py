@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..auth import Authenticator, AuthError, Principal, bearer
-from .metrics import Metrics
+from relay.gateway.auth import Authenticator, AuthError, Principal, bearer
+from relay.gateway.metrics import Metrics
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: Iterable[str]) -> bool:

@@ -25,17 +25,17 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ..aio import stop_task
-from ..config import GlobalConfig
-from ..keys import PREFIX, Keys, probe_channel
-from ..logs import LogOnce
-from ..scripts import as_text
-from .envelope import Envelope, EnvelopeError
-from .metrics import Metrics
-from .pubsub import PubSubLink, SubscribeTimeout
-from .recovery import Backfills
-from .seqtrack import SeqTable, Step
-from .store import RequestStore
+from relay.aio import stop_task
+from relay.config import GlobalConfig
+from relay.gateway.envelope import Envelope, EnvelopeError
+from relay.gateway.metrics import Metrics
+from relay.gateway.pubsub import PubSubLink, SubscribeTimeout
+from relay.gateway.recovery import Backfills
+from relay.gateway.seqtrack import SeqTable, Step
+from relay.gateway.store import RequestStore
+from relay.logs import LogOnce
+from relay.wire.keys import PREFIX, Keys, probe_channel
+from relay.wire.scripts import as_text
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ..commands import CommandError, CommandId, load_object
-from ..config import GlobalConfig, LimitsConfig
-from .sendqueue import SendQueue
+from relay.config import GlobalConfig, LimitsConfig
+from relay.gateway.sendqueue import SendQueue
+from relay.wire.commands import CommandError, CommandId, load_object
 
 RATE_LIMITED = "rate_limited"
 """The error code of every rate limit (WebSocket error frame; HTTP 429)."""

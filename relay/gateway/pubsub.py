@@ -31,9 +31,9 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from ..aio import stop_task
-from ..config import GlobalConfig
-from .metrics import Metrics
+from relay.aio import stop_task
+from relay.config import GlobalConfig
+from relay.gateway.metrics import Metrics
 
 
 class Listener(Protocol):

@@ -26,12 +26,12 @@ from typing import Protocol
 
 from redis.exceptions import RedisError
 
-from ..aio import stop_task
-from ..scripts import as_text, script
-from .envelope import Envelope
-from .metrics import Metrics
-from .seqtrack import SeqTable, SeqTrack
-from .store import HistoryGap, RequestStore
+from relay.aio import stop_task
+from relay.gateway.envelope import Envelope
+from relay.gateway.metrics import Metrics
+from relay.gateway.seqtrack import SeqTable, SeqTrack
+from relay.gateway.store import HistoryGap, RequestStore
+from relay.wire.scripts import as_text, script
 
 MAX_CONCURRENT_LANES = 16
 """History reads in flight at once (the rest wait their turn, in no particular order)."""

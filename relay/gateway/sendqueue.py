@@ -27,8 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from .envelope import Envelope
-from .metrics import Metrics
+from relay.gateway.envelope import Envelope
+from relay.gateway.metrics import Metrics
 
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY_VIOLATION = 1008

@@ -33,10 +33,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
 
-from ..config import GlobalConfig, LimitsConfig
-from ..logs import LogOnce
-from .app import create_app
-from .limits import CLOSE_MESSAGE_TOO_BIG, CLOSE_TRY_AGAIN_LATER
+from relay.config import GlobalConfig, LimitsConfig
+from relay.gateway.app import create_app
+from relay.gateway.limits import CLOSE_MESSAGE_TOO_BIG, CLOSE_TRY_AGAIN_LATER
+from relay.logs import LogOnce
 
 log = logging.getLogger(__name__)
 log_once = LogOnce(log)

@@ -1,6 +1,6 @@
 """The live console: static HTML, CSS and JavaScript shipped in the package.
 
-No build step and no CDN: the files under ``relay/static`` are served as they
+No build step and no CDN: the files under ``relay/gateway/assets`` are served as they
 are, so the console works on an offline machine. Every response is
 ``no-cache`` (the browser revalidates, so an upgraded gateway serves the new
 console at once) and carries a Content-Security-Policy that allows nothing but
@@ -30,10 +30,10 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import PathLike, StaticFiles
 from starlette.types import Scope
 
-from ..commands import CommandError
-from ..keys import Keys
-from ..scripts import as_text
-from .guard import HttpRefusal
+from relay.gateway.guard import HttpRefusal
+from relay.wire.commands import CommandError
+from relay.wire.keys import Keys
+from relay.wire.scripts import as_text
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ RECENT_MAX = 200
 
 
 def _static_dir() -> str:
-    return str(resources.files("relay").joinpath("static"))
+    return str(resources.files("relay.gateway").joinpath("assets"))
 
 
 class _ConsoleFiles(StaticFiles):

@@ -14,9 +14,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from ..keys import Keys
-from ..scripts import as_text
-from .envelope import Envelope, frame_ts, history_seq
+from relay.gateway.envelope import Envelope, frame_ts, history_seq
+from relay.wire.keys import Keys
+from relay.wire.scripts import as_text
 
 
 @dataclass(frozen=True, slots=True)

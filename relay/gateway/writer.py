@@ -27,12 +27,12 @@ from typing import Any
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..config import GlobalConfig
-from .envelope import Envelope
-from .metrics import Metrics
-from .sendqueue import Begin, SendQueue, SendTurns
-from .seqtrack import SeqTable, SeqTrack, Step
-from .store import HistoryGap, RequestStore
+from relay.config import GlobalConfig
+from relay.gateway.envelope import Envelope
+from relay.gateway.metrics import Metrics
+from relay.gateway.sendqueue import Begin, SendQueue, SendTurns
+from relay.gateway.seqtrack import SeqTable, SeqTrack, Step
+from relay.gateway.store import HistoryGap, RequestStore
 
 log = logging.getLogger(__name__)
 

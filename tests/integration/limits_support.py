@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import psutil  # type: ignore[import-untyped]
 from websockets.frames import Frame, Opcode
 
-from relay.client import RelayClient
+from relay.orchestrator.client import RelayClient
 from tests.support import Gateway, WsClient, eventually, seqs
 
 

@@ -28,8 +28,8 @@ import sys
 from typing import Any
 
 from relay.aio import cancel_and_wait
-from relay.cancel import CancelRegistry, CancelToken
-from relay.client import RelayClient
+from relay.orchestrator.cancel import CancelRegistry, CancelToken
+from relay.orchestrator.client import RelayClient
 
 
 def emit(**fields: Any) -> None:

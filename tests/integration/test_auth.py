@@ -24,8 +24,8 @@ import redis
 import websockets
 from websockets.typing import Origin
 
-from relay.auth import mint_token
-from relay.client import RelayClient
+from relay.gateway.auth import mint_token
+from relay.orchestrator.client import RelayClient
 from tests.support import Gateway, RedisServer, WsClient, eventually
 
 pytestmark = pytest.mark.integration

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from relay.client import RelayClient
-from relay.keys import Keys
+from relay.orchestrator.client import RelayClient
+from relay.wire.keys import Keys
 from tests.netproxy import NetProxy
 from tests.support import Gateway, RedisServer, WsClient, eventually, metric, numsub, seqs
 

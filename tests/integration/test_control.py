@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from relay.keys import Keys
-from relay.simplan import build_plan
+from relay.tools.simplan import build_plan
+from relay.wire.keys import Keys
 from tests.support import Gateway, RedisServer, RelayProcess, WsClient, ws_clients
 
 StartGateway = Callable[..., Gateway]

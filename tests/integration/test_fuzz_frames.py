@@ -15,7 +15,7 @@ sentinel's ``pong`` is the answer to the frame. The properties:
 * the gateway's RSS stays flat after warm-up, and its log stays bounded.
 
 The expected answer is computed with relay's own parser as the oracle
-(:func:`relay.commands.parse_command`). The command rate limit is raised for
+(:func:`relay.wire.commands.parse_command`). The command rate limit is raised for
 this test: it is about the command path, not the limit (tested elsewhere).
 """
 
@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import ClientConnection, connect
 
-from relay.commands import CommandError, UnsubscribeWorkflow, load_object, parse_command
+from relay.wire.commands import CommandError, UnsubscribeWorkflow, load_object, parse_command
 from tests.integration.limits_support import rss_mb
 from tests.support import Gateway, RedisServer, metric
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.client import RelayClient
+from relay.orchestrator.client import RelayClient
 from tests.support import Gateway, RedisServer, WsClient
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ import redis
 import websockets
 from websockets.frames import Opcode
 
-from relay.client import RelayClient
+from relay.orchestrator.client import RelayClient
 from tests.integration.limits_support import RawWs, bystander, rss_mb
 from tests.support import Gateway, RedisServer, WsClient, eventually, metric, seqs
 

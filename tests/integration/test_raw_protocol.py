@@ -32,8 +32,8 @@ pytestmark = pytest.mark.integration
 
 StartGateway = Callable[..., Gateway]
 
-# As the page says: the scripts live in relay/lua/ of the repository.
-PUBLISH_LUA = Path(__file__).resolve().parents[2] / "relay" / "lua" / "publish.lua"
+# As the page says: the scripts live in relay/wire/lua/ of the repository.
+PUBLISH_LUA = Path(__file__).resolve().parents[2] / "relay" / "wire" / "lua" / "publish.lua"
 
 TENANT = "default"
 # The configuration defaults the page lists: history.max_events,

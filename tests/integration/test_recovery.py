@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from relay.client import Published, RelayClient
 from relay.config import HistoryConfig
+from relay.orchestrator.client import Published, RelayClient
 from tests.support import Gateway, RedisServer, WsClient, eventually
 
 pytestmark = pytest.mark.integration

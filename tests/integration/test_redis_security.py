@@ -32,11 +32,11 @@ import websockets
 from redis.exceptions import NoPermissionError, ResponseError
 
 from relay import redisconn
-from relay.auth import CAPS, mint_token
-from relay.budget import BudgetState, BudgetStatus, RequestBudget
-from relay.cancel import CancelRegistry
-from relay.client import PublishError, RelayClient
 from relay.config import RedisConfig
+from relay.gateway.auth import CAPS, mint_token
+from relay.orchestrator.budget import BudgetState, BudgetStatus, RequestBudget
+from relay.orchestrator.cancel import CancelRegistry
+from relay.orchestrator.client import PublishError, RelayClient
 from tests.support import (
     REDIS_SERVER,
     Gateway,

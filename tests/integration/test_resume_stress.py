@@ -41,7 +41,7 @@ from typing import Any
 
 import pytest
 
-from relay.client import Published, RelayClient
+from relay.orchestrator.client import Published, RelayClient
 from tests.support import CpuLoad, Gateway, RedisServer, WsClient, eventually, start_gateways
 
 pytestmark = pytest.mark.integration

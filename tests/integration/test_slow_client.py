@@ -25,8 +25,8 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from relay.client import RelayClient
 from relay.config import HistoryConfig
+from relay.orchestrator.client import RelayClient
 from tests.support import Gateway, RedisServer, WsClient, eventually
 
 pytestmark = pytest.mark.integration

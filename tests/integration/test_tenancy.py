@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from relay.client import RelayClient
+from relay.orchestrator.client import RelayClient
 from tests.integration.test_auth import auth_env, http, spawned, token
 from tests.support import Gateway, RedisServer, WsClient, eventually
 

@@ -16,8 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from relay.auth import Authenticator, AuthError, mint_token, websocket_token
 from relay.config import ConfigError, GlobalConfig, load_config
+from relay.gateway.auth import Authenticator, AuthError, mint_token, websocket_token
 
 SECRET = "s" * 40
 OTHER = "o" * 40
@@ -239,7 +239,7 @@ async def test_jwks_url_picks_the_key_by_kid() -> None:
 async def test_relay_token_mints_a_token_the_gateway_accepts(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from relay.cli import main
+    from relay.tools.cli import main
 
     monkeypatch.setenv("RELAY_AUTH_JWT_SECRET", SECRET)
     monkeypatch.setenv("RELAY_GATEWAY_PORT", "8123")
@@ -265,7 +265,7 @@ async def test_relay_token_mints_a_token_the_gateway_accepts(
 async def test_relay_token_signs_with_a_private_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from relay.cli import main
+    from relay.tools.cli import main
 
     key, pem = _rsa()
     path = tmp_path / "key.pem"

@@ -12,7 +12,8 @@ from typing import Any
 import fakeredis
 import pytest
 
-from relay.budget import (
+from relay.config import BudgetConfig
+from relay.orchestrator.budget import (
     BudgetState,
     BudgetStatus,
     NoPendingDecision,
@@ -20,10 +21,9 @@ from relay.budget import (
     RequestBudget,
     answer_budget,
 )
-from relay.cancel import CancelRegistry, CancelToken, request_cancel
-from relay.config import BudgetConfig
-from relay.events import BudgetDecision, BudgetWarning
-from relay.keys import Keys
+from relay.orchestrator.cancel import CancelRegistry, CancelToken, request_cancel
+from relay.wire.events import BudgetDecision, BudgetWarning
+from relay.wire.keys import Keys
 
 KEYS = Keys()
 

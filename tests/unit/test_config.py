@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.cli import main
 from relay.config import MIN_REQUEST_BUDGET, ConfigError, load_config
+from relay.tools.cli import main
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -19,13 +19,13 @@ import pytest
 from starlette.datastructures import QueryParams
 from starlette.websockets import WebSocketState
 
-from relay.client import RelayClient
 from relay.config import GatewayConfig, GlobalConfig, HistoryConfig
 from relay.gateway.connection import Connection
 from relay.gateway.envelope import Envelope
 from relay.gateway.metrics import Metrics
 from relay.gateway.store import RequestStore
-from relay.keys import Keys
+from relay.orchestrator.client import RelayClient
+from relay.wire.keys import Keys
 
 AGENT = str(uuid.uuid4())
 

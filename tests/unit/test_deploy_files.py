@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from relay.cli import build_parser
+from relay.tools.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -437,8 +437,8 @@ def test_localized_config_is_valid_and_resolves(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", GATEWAYS)
 def test_gateways_run_with_auth_on(services: dict[str, dict[str, Any]], name: str) -> None:
     """The compose stack authenticates: jwt mode, and no gateway starts without a secret."""
-    from relay.auth import Authenticator
     from relay.config import load_config
+    from relay.gateway.auth import Authenticator
 
     env = services[name]["environment"]
     assert env["RELAY_AUTH_MODE"] == "jwt"

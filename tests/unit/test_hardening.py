@@ -15,11 +15,11 @@ import fakeredis
 import pytest
 from starlette.websockets import WebSocketState
 
-from relay.client import RelayClient
-from relay.commands import CommandError, load_object, parse_command
 from relay.gateway.envelope import Envelope
 from relay.gateway.metrics import Metrics
 from relay.gateway.sendqueue import SendQueue
+from relay.orchestrator.client import RelayClient
+from relay.wire.commands import CommandError, load_object, parse_command
 from tests.unit.test_connection import AGENT, running
 
 DEEP = "[" * 985 + "]" * 985
@@ -238,7 +238,7 @@ async def test_busy_writers_take_turns(fake_redis: fakeredis.FakeAsyncRedis) -> 
     starving every other client, pings and the delivery probe."""
     from relay.gateway.sendqueue import SendTurns
     from relay.gateway.store import RequestStore
-    from relay.keys import Keys
+    from relay.wire.keys import Keys
 
     order: list[str] = []
 
@@ -275,7 +275,7 @@ async def test_turns_count_queues_with_work_not_running_writers(
     writers then took seconds under overload)."""
     from relay.gateway.sendqueue import SendTurns
     from relay.gateway.store import RequestStore
-    from relay.keys import Keys
+    from relay.wire.keys import Keys
 
     order: list[int] = []
 

@@ -10,11 +10,11 @@ from typing import Any
 import fakeredis
 import pytest
 
-from relay.client import RelayClient
 from relay.config import GatewayConfig, GlobalConfig
 from relay.gateway.envelope import Envelope
 from relay.gateway.hub import Hub
 from relay.gateway.metrics import Metrics
+from relay.orchestrator.client import RelayClient
 
 AGENT = str(uuid.uuid4())
 

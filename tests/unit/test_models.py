@@ -8,9 +8,9 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from relay.commands import CancelAgent, CommandError, Subscribe, parse_command
-from relay.events import AGENT_SCOPED, EVENT_TYPES, AgentCompleted, parse_event
-from relay.schema import frame_schemas
+from relay.wire.commands import CancelAgent, CommandError, Subscribe, parse_command
+from relay.wire.events import AGENT_SCOPED, EVENT_TYPES, AgentCompleted, parse_event
+from relay.wire.schema import frame_schemas
 
 AID = "0195f3a4-1b2c-7d8e-9f00-112233445566"
 

@@ -13,12 +13,12 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from relay.client import PublishError, RelayClient
 from relay.config import HistoryConfig
-from relay.events import AGENT_SCOPED, EVENT_TYPES
 from relay.gateway.envelope import Envelope
-from relay.keys import Keys, validate_tenant
-from relay.scripts import script
+from relay.orchestrator.client import PublishError, RelayClient
+from relay.wire.events import AGENT_SCOPED, EVENT_TYPES
+from relay.wire.keys import Keys, validate_tenant
+from relay.wire.scripts import script
 
 # fakeredis types every reply as a union of bytes, str and None; the tests
 # read replies of known types, so the client is typed loosely.
@@ -392,7 +392,7 @@ async def test_a_refused_call_publishes_nothing(fake_redis: FakeRedis) -> None:
 
 
 async def test_every_contract_type_is_accepted(fake_redis: FakeRedis) -> None:
-    """The script's list of types is the contract's (relay.events.EVENT_TYPES)."""
+    """The script's list of types is the contract's (relay.wire.events.EVENT_TYPES)."""
     pairs: list[str] = []
     for kind in sorted(EVENT_TYPES):
         body: dict[str, object] = {"type": kind}

@@ -16,10 +16,10 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import SSLConnection
 
 from relay import redisconn
-from relay.client import RelayClient
 from relay.config import ConfigError, GlobalConfig, HistoryConfig, RedisConfig, load_config
 from relay.gateway.app import _redis_clients
-from relay.keys import Keys, probe_channel
+from relay.orchestrator.client import RelayClient
+from relay.wire.keys import Keys, probe_channel
 from tests.tlscerts import Authority, Issued, authority
 
 

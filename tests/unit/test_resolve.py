@@ -7,10 +7,10 @@ import uuid
 import fakeredis
 import pytest
 
-from relay import resolve
-from relay.client import RelayClient
-from relay.keys import Keys
-from relay.resolve import Kind, PrefixSyntaxError, ResolveError, resolve_id
+from relay.tools import resolve
+from relay.orchestrator.client import RelayClient
+from relay.tools.resolve import Kind, PrefixSyntaxError, ResolveError, resolve_id
+from relay.wire.keys import Keys
 
 KEYS = Keys("default")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from relay.render import TreeRenderer, sanitize
+from relay.tools.render import TreeRenderer, sanitize
 
 ATTACKS = [
     # (name, hostile text, what the terminal must show instead)

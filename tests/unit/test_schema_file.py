@@ -1,7 +1,7 @@
 """The files an implementer in another language works from stay true to the code.
 
 docs/schema/events.json is what ``relay schema`` prints; ``relay scripts``
-hands out exactly the Lua files in relay/lua/ with the SHA1 that EVALSHA
+hands out exactly the Lua files in relay/wire/lua/ with the SHA1 that EVALSHA
 expects. docs/PROTOCOL.md points to both.
 """
 
@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from relay.cli import main
 from relay.config import BudgetConfig
-from relay.events import EVENT_TYPES
-from relay.schema import schema_text
+from relay.tools.cli import main
+from relay.wire.events import EVENT_TYPES
+from relay.wire.schema import schema_text
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = ROOT / "docs" / "schema" / "events.json"
-LUA_DIR = ROOT / "relay" / "lua"
+LUA_DIR = ROOT / "relay" / "wire" / "lua"
 
 
 def test_committed_schema_is_up_to_date_with_the_models() -> None:

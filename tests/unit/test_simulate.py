@@ -12,12 +12,12 @@ from typing import Any
 import fakeredis
 import pytest
 
-from relay.budget import NoPendingDecision, answer_budget
-from relay.cancel import CancelRegistry, request_cancel
-from relay.client import RelayClient
-from relay.events import parse_event
-from relay.simplan import build_plan
-from relay.simulate import SimOptions, SimulationResult, simulate
+from relay.orchestrator.budget import NoPendingDecision, answer_budget
+from relay.orchestrator.cancel import CancelRegistry, request_cancel
+from relay.orchestrator.client import RelayClient
+from relay.tools.simplan import build_plan
+from relay.tools.simulate import SimOptions, SimulationResult, simulate
+from relay.wire.events import parse_event
 
 WITH_REQUEST_ID = {
     "budget_update", "budget_warning", "budget_exhausted", "synthesis_started", "budget_decision",

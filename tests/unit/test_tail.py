@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from relay.aio import cancel_and_wait
-from relay.render import TreeRenderer, format_tokens
-from relay.tail import OUTBOX_MAX, Console
+from relay.tools.render import TreeRenderer, format_tokens
+from relay.tools.tail import OUTBOX_MAX, Console
 from tests.support import eventually
 
 RID = "5b0e5a4e-6a43-4a57-9f39-1a2b3c4d5e6f"
@@ -203,7 +203,7 @@ def test_console_never_prompts_without_input() -> None:
 
 
 def test_a_long_running_tail_stays_bounded() -> None:
-    from relay.render import REMEMBER_MAX
+    from relay.tools.render import REMEMBER_MAX
 
     renderer = TreeRenderer()
     for _ in range(REMEMBER_MAX + 50):

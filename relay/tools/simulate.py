@@ -6,8 +6,8 @@ levels deep), every agent streams text deltas each followed by a
 ``budget_update``, the budget pauses at the warning for a decision, the root
 synthesises, and every agent ends with ``agent_completed`` or
 ``agent_cancelled``. Text and token costs come from a seeded plan
-(:mod:`relay.simplan`); the runtime that honours cancels and budget
-decisions is :mod:`relay.simrun`.
+(:mod:`relay.tools.simplan`); the runtime that honours cancels and budget
+decisions is :mod:`relay.tools.simrun`.
 
 >>> async with RelayClient.from_url("redis://localhost") as client:
 ...     registry = CancelRegistry(client.redis, client.keys)
@@ -29,12 +29,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from .budget import PauseOutcome, RequestBudget
-from .cancel import CancelRegistry, CancelToken
-from .client import PublishError, RelayClient, normalize_request_id
-from .config import MIN_REQUEST_BUDGET, BudgetConfig, GlobalConfig
-from .simplan import MAX_DEPTH, build_plan, seed_for
-from .simrun import Outcome, RequestRun
+from relay.config import MIN_REQUEST_BUDGET, BudgetConfig, GlobalConfig
+from relay.orchestrator.budget import PauseOutcome, RequestBudget
+from relay.orchestrator.cancel import CancelRegistry, CancelToken
+from relay.orchestrator.client import PublishError, RelayClient, normalize_request_id
+from relay.tools.simplan import MAX_DEPTH, build_plan, seed_for
+from relay.tools.simrun import Outcome, RequestRun
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 Everything that varies between simulated runs is drawn here, up front, from
 one ``random.Random`` seeded by the caller. The orchestrator in
-:mod:`relay.simulate` then only *executes* a plan, so a seed fully determines
+:mod:`relay.tools.simulate` then only *executes* a plan, so a seed fully determines
 what a run publishes (only timing, and therefore the interleaving of agents
 running in parallel, is left to the scheduler).
 

@@ -2,7 +2,7 @@
 
 ``relay cancel 1a2b3c4d`` must find the one agent or request whose id starts
 that way. The candidates come straight from Redis (layout in
-:mod:`relay.keys`): with ``--request R``, R itself and the agents in R's
+:mod:`relay.wire.keys`): with ``--request R``, R itself and the agents in R's
 snapshot state (fields ``a:<agent_id>`` of ``relay:T:req:{R}:state``);
 without it, the :data:`RECENT_REQUESTS` most recently active requests of the
 tenant (``relay:T:active``) and their agents. A full UUID is taken as it is,
@@ -19,8 +19,8 @@ from typing import Literal
 
 from redis.asyncio import Redis
 
-from .keys import Keys
-from .scripts import as_text
+from relay.wire.keys import Keys
+from relay.wire.scripts import as_text
 
 RECENT_REQUESTS = 500
 """Requests searched without ``--request``, newest first: a bound on the reads."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .config import ConfigError, GlobalConfig, load_config
+from relay.config import ConfigError, GlobalConfig, load_config
 
 REDIS_URL_HELP = "Redis URL (overrides redis.url / RELAY_REDIS_URL)"
 EXIT_FAILED = 1
@@ -63,7 +63,7 @@ def _config(args: argparse.Namespace) -> GlobalConfig:
 
 
 def _setup_logging(config: GlobalConfig) -> None:
-    from .logs import configure_logging
+    from relay.logs import configure_logging
 
     configure_logging(config.log)
 
@@ -108,8 +108,8 @@ def _check_bindable(host: str, port: int) -> None:
 def cmd_gateway(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(config)
-    from .auth import Authenticator
-    from .gateway.serve import run_gateway
+    from relay.gateway.auth import Authenticator
+    from relay.gateway.serve import run_gateway
 
     # A jwt mode without a key is a configuration error (exit 2), not a crash.
     Authenticator.from_config(config)
@@ -147,7 +147,7 @@ def _read_events(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from .client import PublishError, RelayClient
+    from relay.orchestrator.client import PublishError, RelayClient
 
     config = _config(args)
     events = _read_events(args)
@@ -172,7 +172,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .schema import schema_text
+    from relay.wire.schema import schema_text
 
     text = schema_text()
     if args.out is None:
@@ -191,7 +191,7 @@ def cmd_scripts(args: argparse.Namespace) -> int:
     """List the Lua scripts (name and SHA1 for EVALSHA), print one, or write them all."""
     from pathlib import Path
 
-    from .scripts import script, script_names
+    from relay.wire.scripts import script, script_names
 
     names = script_names()
     if args.name is not None:
@@ -221,8 +221,8 @@ def cmd_scripts(args: argparse.Namespace) -> int:
 def _redis_action(args: argparse.Namespace, action: Callable[..., Any]) -> Any:
     from redis.exceptions import RedisError
 
-    from . import redisconn
-    from .keys import Keys
+    from relay import redisconn
+    from relay.wire.keys import Keys
 
     config = _config(args)
 
@@ -251,7 +251,7 @@ def _uuid_arg(value: str) -> str:
 
 async def _resolve(redis: Any, keys: Any, text: str, **kw: Any) -> tuple[str, str]:
     """(full id, how it was found) for a UUID or a unique prefix of one; CliError otherwise."""
-    from .resolve import PrefixSyntaxError, ResolveError, full_id, resolve_id
+    from relay.tools.resolve import PrefixSyntaxError, ResolveError, full_id, resolve_id
 
     try:
         match = await resolve_id(redis, keys, text, **kw)
@@ -265,7 +265,7 @@ async def _resolve(redis: Any, keys: Any, text: str, **kw: Any) -> tuple[str, st
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .cancel import request_cancel
+    from relay.orchestrator.cancel import request_cancel
 
     async def action(redis: Any, keys: Any, config: GlobalConfig) -> tuple[str, str, bool]:
         request = None
@@ -284,7 +284,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
-    from .budget import Decision, NoPendingDecision, answer_budget
+    from relay.orchestrator.budget import Decision, NoPendingDecision, answer_budget
 
     decision: Decision = "continue" if args.command == "continue" else "stop"
 
@@ -302,7 +302,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from .tail import run_tail
+    from relay.tools.tail import run_tail
 
     if args.after_seq is not None and len(args.request_id) != 1:
         raise CliError("--after-seq needs exactly one --request-id", EXIT_USAGE)
@@ -312,7 +312,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .simulate import run_simulate_cli
+    from relay.tools.simulate import run_simulate_cli
 
     config = _config(args)
     _setup_logging(config)
@@ -320,7 +320,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo_cli
+    from relay.tools.demo import run_demo_cli
 
     config = _config(args)
     _setup_logging(config)
@@ -355,8 +355,8 @@ def cmd_token(args: argparse.Namespace) -> int:
     import urllib.parse
     from pathlib import Path
 
-    from .auth import CAPS, mint_token
-    from .keys import validate_tenant
+    from relay.gateway.auth import CAPS, mint_token
+    from relay.wire.keys import validate_tenant
 
     config = _config(args)
     caps = [c.strip() for c in args.caps.split(",") if c.strip()]
@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("simulate", cmd_simulate, "run an LLM-free orchestrator (demo and load generator)")
     p.add_argument("--redis-url", dest="redis_url", help=REDIS_URL_HELP)
-    from .simulate import add_simulate_arguments
+    from relay.tools.simulate import add_simulate_arguments
 
     add_simulate_arguments(p)
 

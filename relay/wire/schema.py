@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from .commands import Command
-from .events import AgentEvent, EventFrame
+from relay.wire.commands import Command
+from relay.wire.events import AgentEvent, EventFrame
 
 # Replies and notices the gateway sends besides event frames.
 SERVER_FRAMES: dict[str, dict[str, Any]] = {

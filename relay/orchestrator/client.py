@@ -26,11 +26,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import redisconn
-from .config import GlobalConfig, HistoryConfig, RedisConfig
-from .events import AgentEvent, AgentTextDelta, event_request_id, parse_event
-from .keys import Keys
-from .scripts import as_text, is_noscript, script
+from relay import redisconn
+from relay.config import GlobalConfig, HistoryConfig, RedisConfig
+from relay.wire.events import AgentEvent, AgentTextDelta, event_request_id, parse_event
+from relay.wire.keys import Keys
+from relay.wire.scripts import as_text, is_noscript, script
 
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 RETRY_MARGIN_SECONDS = 60

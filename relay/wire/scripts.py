@@ -1,4 +1,4 @@
-"""The atomic Redis scripts, loaded from ``relay/lua`` once per process.
+"""The atomic Redis scripts, loaded from ``relay/wire/lua`` once per process.
 
 Scripts run with EVALSHA and fall back to SCRIPT LOAD when the server does not
 know them (a restarted Redis, a failover), so callers never see NOSCRIPT.
@@ -25,7 +25,9 @@ class LuaScript:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.source = resources.files("relay").joinpath("lua", f"{name}.lua").read_text("utf-8")
+        self.source = (
+            resources.files("relay.wire").joinpath("lua", f"{name}.lua").read_text("utf-8")
+        )
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(self, redis: Redis, keys: list[str], args: list[Any]) -> Any:
@@ -58,8 +60,8 @@ def as_text(value: object) -> str:
 
 
 def script_names() -> list[str]:
-    """Names of every script shipped in ``relay/lua`` (without ``.lua``), sorted."""
-    folder = resources.files("relay").joinpath("lua")
+    """Names of every script shipped in ``relay/wire/lua`` (without ``.lua``), sorted."""
+    folder = resources.files("relay.wire").joinpath("lua")
     return sorted(f.name.removesuffix(".lua") for f in folder.iterdir() if f.name.endswith(".lua"))
 
 

@@ -40,8 +40,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from . import redisconn
-from .config import GlobalConfig, RedisConfig
+from relay import redisconn
+from relay.config import GlobalConfig, RedisConfig
 
 REDIS_URL_ENV = "RELAY_REDIS_URL"
 READY_TIMEOUT = 30.0

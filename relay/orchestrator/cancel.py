@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
-from .aio import stop_task
-from .events import AgentCancelled
-from .keys import Keys
+from relay.aio import stop_task
+from relay.wire.events import AgentCancelled
+from relay.wire.keys import Keys
 
 if TYPE_CHECKING:
-    from .client import RelayClient
+    from relay.orchestrator.client import RelayClient
 
 log = logging.getLogger(__name__)
 

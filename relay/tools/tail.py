@@ -1,13 +1,13 @@
 """``relay tail``: the terminal console of a gateway's event stream.
 
-The drawing is :class:`relay.render.TreeRenderer` (pure, tested without a
+The drawing is :class:`relay.tools.render.TreeRenderer` (pure, tested without a
 terminal). :class:`Console` does the I/O: it connects, subscribes, reconnects
 with backoff resuming each request after the last seq it printed, keeps the
 token counter live on a TTY, and at a budget pause asks ``Continue? [y/n]``
 on the terminal and sends the answer.
 
 Everything that reaches the terminal from the stream (LLM text, task
-descriptions, error messages, ids) passes :func:`relay.render.sanitize`
+descriptions, error messages, ids) passes :func:`relay.tools.render.sanitize`
 first, so a frame cannot retitle the window, clear the screen or write the
 clipboard. A prompt disappears as soon as its pause is over (decided, or the
 request ended). An answer typed while disconnected is queued, up to
@@ -31,8 +31,8 @@ from typing import Any, TextIO
 
 import websockets
 
-from .aio import cancel_and_wait
-from .render import TreeRenderer, remember, sanitize, short
+from relay.aio import cancel_and_wait
+from relay.tools.render import TreeRenderer, remember, sanitize, short
 
 BUDGET_PROMPT = "Continue? [y/n] "
 _CLEAR_LINE = "\r\x1b[K"

@@ -37,10 +37,10 @@ from typing import Any, Literal, TypeAlias
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .config import MIN_REQUEST_BUDGET, BudgetConfig
-from .events import BudgetDecision, BudgetWarning
-from .keys import Keys
-from .scripts import as_text, script
+from relay.config import MIN_REQUEST_BUDGET, BudgetConfig
+from relay.wire.events import BudgetDecision, BudgetWarning
+from relay.wire.keys import Keys
+from relay.wire.scripts import as_text, script
 
 log = logging.getLogger(__name__)
 

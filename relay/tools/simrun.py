@@ -1,7 +1,7 @@
 """The runtime of one simulated request: agents, cancels and the budget gate.
 
-:class:`RequestRun` executes an :class:`~relay.simplan.AgentPlan` against
-Redis. It is the part of :mod:`relay.simulate` worth copying into a real
+:class:`RequestRun` executes an :class:`~relay.tools.simplan.AgentPlan` against
+Redis. It is the part of :mod:`relay.tools.simulate` worth copying into a real
 orchestrator; the plan only stands in for the LLM.
 
 * Each agent holds a :class:`CancelToken` registered *before* its
@@ -26,11 +26,12 @@ import time
 import uuid
 from typing import Literal
 
-from .aio import cancel_and_wait, wait_first
-from .budget import BudgetState, BudgetStatus, PauseOutcome, RequestBudget
-from .cancel import CancelToken
-from .client import RelayClient
-from .events import (
+from relay.aio import cancel_and_wait, wait_first
+from relay.orchestrator.budget import BudgetState, BudgetStatus, PauseOutcome, RequestBudget
+from relay.orchestrator.cancel import CancelToken
+from relay.orchestrator.client import RelayClient
+from relay.tools.simplan import AgentPlan, Batch
+from relay.wire.events import (
     AgentCompleted,
     AgentEvent,
     AgentSpawned,
@@ -43,7 +44,6 @@ from .events import (
     MemoryCreated,
     SynthesisStarted,
 )
-from .simplan import AgentPlan, Batch
 
 Outcome = Literal["completed", "cancelled", "stopped", "exhausted"]
 U32_MAX = 2**32 - 1

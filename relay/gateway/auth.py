@@ -33,9 +33,9 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .commands import BudgetContinue, BudgetStop, CancelAgent, Command, CommandError
-from .config import AuthConfig, ConfigError, GlobalConfig
-from .keys import validate_tenant
+from relay.config import AuthConfig, ConfigError, GlobalConfig
+from relay.wire.commands import BudgetContinue, BudgetStop, CancelAgent, Command, CommandError
+from relay.wire.keys import validate_tenant
 
 log = logging.getLogger(__name__)
 

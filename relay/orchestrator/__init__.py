@@ -1,0 +1,1 @@
+"""The orchestrator side: publishing, cancellation and budgets."""

@@ -1,0 +1,1 @@
+"""The tools: command line, demo, simulator and terminal console."""
