@@ -7,8 +7,8 @@ import uuid
 import fakeredis
 import pytest
 
-from relay.tools import resolve
 from relay.orchestrator.client import RelayClient
+from relay.tools import resolve
 from relay.tools.resolve import Kind, PrefixSyntaxError, ResolveError, resolve_id
 from relay.wire.keys import Keys
 
