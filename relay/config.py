@@ -210,6 +210,14 @@ class GatewayConfig(_Section):
     firehose_track_requests: PositiveInt = 4096
     max_subscriptions: PositiveInt = 256
     connect_subscribe_timeout: PositiveFloat = 10.0
+    socket_send_buffer: Annotated[int, Field(ge=0)] = 64 * 1024
+    """SO_SNDBUF of every accepted socket, in bytes (0: the kernel's autotuning).
+
+    Bounds what a client that stops reading holds in kernel memory: with
+    autotuning each such socket grew to 4 MiB, and 2,000 of them pushed the
+    whole machine into TCP memory pressure (every socket stalled, healthy
+    clients included) before their queues' overflow policy ever applied.
+    """
 
 
 class HistoryConfig(_Section):

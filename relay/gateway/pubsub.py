@@ -35,6 +35,9 @@ from relay.aio import stop_task
 from relay.config import GlobalConfig
 from relay.gateway.metrics import Metrics
 
+READ_SLICE = 0.005
+"""Seconds the reader may hold the event loop before it yields once."""
+
 
 class Listener(Protocol):
     """What the link hands its messages to."""
@@ -234,11 +237,18 @@ class PubSubLink:
     async def _read(self, pubsub: PubSub) -> None:
         listener = self.listener
         probe = self.probe_channel
+        clock = time.perf_counter
+        slice_ends = clock() + READ_SLICE
         try:
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None:
                     continue
+                if clock() > slice_ends:
+                    # Buffered messages are parsed without suspending, and each
+                    # may fan out to thousands of queues: give the loop back.
+                    await asyncio.sleep(0)
+                    slice_ends = clock() + READ_SLICE
                 kind = message["type"]
                 channel = message["channel"].decode()
                 if kind == "message":

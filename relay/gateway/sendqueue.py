@@ -48,15 +48,61 @@ class SendTurns:
     without paying for a yield per frame. Counting queues, not running
     writers: writers run one after another within a round, so at any moment
     only one of them is running, however many are waiting their turn.
+
+    With more writers with work than ``frames_per_round`` the quota cannot go
+    below one frame, and a round of thousands of writers, one frame each,
+    made every pass of the event loop last as long as thousands of sends: a
+    ping, a new connection or the delivery probe needs several passes, and
+    waited seconds. Past that point writers queue for their turn instead
+    (:meth:`next_turn`): each pass of the loop admits at most
+    ``frames_per_round`` of them, in arrival order, so a pass stays a few
+    milliseconds long and everything else keeps being served while the
+    writers share what is left. The queues then fill, and their overflow
+    policy sheds what cannot be sent.
     """
 
     def __init__(self, frames_per_round: int = FRAMES_PER_ROUND) -> None:
         self.frames_per_round = frames_per_round
         self.pending = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._admitting = False
 
     def quota(self) -> int:
         """How many frames the current writer may send before yielding."""
         return max(1, self.frames_per_round // max(1, self.pending))
+
+    def crowded(self) -> bool:
+        """More writers have work than one pass of the loop may serve."""
+        return self.pending > self.frames_per_round
+
+    async def next_turn(self) -> None:
+        """Yield the loop until this writer's next turn."""
+        if not self.crowded() and not self._waiting:
+            await asyncio.sleep(0)  # everyone gets a turn every pass
+            return
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[None] = loop.create_future()
+        self._waiting.append(turn)
+        if not self._admitting:
+            self._admitting = True
+            loop.call_soon(self._admit)
+        await turn  # a cancelled writer's turn is skipped by _admit
+
+    def _admit(self) -> None:
+        # Runs once per pass of the loop while writers wait: the writers woken
+        # here run in the next pass, and so does the next _admit (call_soon
+        # queues both behind everything already ready, I/O callbacks included).
+        room = self.frames_per_round
+        waiting = self._waiting
+        while waiting and room > 0:
+            turn = waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                room -= 1
+        if waiting:
+            asyncio.get_running_loop().call_soon(self._admit)
+        else:
+            self._admitting = False
 
 
 @dataclass(slots=True)

@@ -24,6 +24,7 @@ import contextlib
 import http
 import logging
 import resource
+import socket
 from collections import OrderedDict
 from typing import Any
 
@@ -58,8 +59,25 @@ class _Refused(Exception):
     """Raised from a parser callback to stop parsing a head that is over a limit."""
 
 
-def http_protocol(limits: LimitsConfig) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol with a head deadline and head size limits."""
+def bound_send_buffer(transport: asyncio.BaseTransport, size: int) -> None:
+    """Fix the socket's kernel send buffer at ``size`` bytes (``gateway.socket_send_buffer``).
+
+    Linux grows an autotuned send buffer to ``tcp_wmem``'s maximum (4 MiB by
+    default) for a peer that does not read; a few thousand such peers reach
+    the kernel's TCP memory pressure limit, and from then on every socket of
+    the machine stalls. A fixed buffer makes back-pressure reach the writer,
+    whose queue applies the overflow policy. The WebSocket protocol takes
+    over this same socket on upgrade, so one call covers HTTP and WebSocket.
+    """
+    sock = transport.get_extra_info("socket")
+    if size and sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def http_protocol(limits: LimitsConfig, send_buffer: int = 0) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with a head deadline, head size limits and a
+    fixed socket send buffer of ``send_buffer`` bytes (0: the kernel's autotuning)."""
     # Sockets whose request head is incomplete, oldest first: one registry per
     # server (the class made here), touched only from the event loop.
     pending: OrderedDict[int, GuardedHttpProtocol] = OrderedDict()
@@ -115,6 +133,7 @@ def http_protocol(limits: LimitsConfig) -> type[asyncio.Protocol]:
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)  # type: ignore[arg-type]
+            bound_send_buffer(transport, send_buffer)
             self._start_head()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -258,7 +277,7 @@ def uvicorn_config(config: GlobalConfig) -> uvicorn.Config:
         create_app(config),
         host=gw.host,
         port=gw.port,
-        http=http_protocol(limits),
+        http=http_protocol(limits, gw.socket_send_buffer),
         ws=ws_protocol(limits),
         # Protocol pings close dead peers; the size limit is a hard ceiling
         # above max_message_bytes (answered with an error frame), and counts

@@ -17,7 +17,6 @@ gateway looks dead.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -107,6 +106,10 @@ class OrderedWriter:
                     self._flush_metrics()
                     queue.wake.clear()
                     await queue.wake.wait()
+                    if turns.crowded():
+                        # An event woke every idle writer at once: take a turn
+                        # like the busy ones instead of all sending this pass.
+                        await turns.next_turn()
                     self._quota = turns.quota()
                     continue
                 if isinstance(item, Envelope):
@@ -136,7 +139,7 @@ class OrderedWriter:
             await self._yield()
 
     async def _yield(self) -> None:
-        await asyncio.sleep(0)  # let the other writers, pings and the reader run
+        await self.turns.next_turn()  # let the other writers, pings and the reader run
         self._quota = self.turns.quota()
 
     async def _send_next(self, env: Envelope) -> bool:
