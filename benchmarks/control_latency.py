@@ -61,7 +61,7 @@ class _Warned:
 async def ack(ws: Any, command: dict[str, Any]) -> dict[str, Any]:
     await ws.send(json.dumps(command))
     while True:
-        frame = json.loads(await ws.recv())
+        frame: dict[str, Any] = json.loads(await ws.recv())
         if frame.get("type") in ("ack", "error"):
             return frame
 

@@ -46,7 +46,7 @@ def delta(text: str) -> dict[str, Any]:
 async def recv_event(ws: Any, timeout: float) -> dict[str, Any]:
     async with asyncio.timeout(timeout):
         while True:
-            frame = json.loads(await ws.recv())
+            frame: dict[str, Any] = json.loads(await ws.recv())
             if "seq" in frame and "ts" in frame:
                 return frame
 
@@ -87,7 +87,7 @@ async def resume_throughput(redis: RedisServer, gw: Gateway, events: int) -> flo
         started = time.monotonic()
         seen = 0
         while seen < events:
-            frame = json.loads(await ws.recv())
+            frame: dict[str, Any] = json.loads(await ws.recv())
             if "seq" in frame and "ts" in frame:
                 seen += 1
         return events / (time.monotonic() - started)

@@ -81,7 +81,7 @@ def run_clients(url: str, clients: int, expect: int, pipe: Connection) -> None:
     asyncio.run(main())
 
 
-def start_clients(url: str, clients: int, expect: int) -> tuple[mp.Process, Connection]:
+def start_clients(url: str, clients: int, expect: int) -> tuple[mp.process.BaseProcess, Connection]:
     parent, child = mp.Pipe()
     proc = mp.get_context("spawn").Process(
         target=run_clients, args=(url, clients, expect, child), daemon=True

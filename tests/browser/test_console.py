@@ -16,6 +16,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -320,7 +321,7 @@ async def test_the_console_holds_no_tenant_wide_channel(
     await expect(page.locator("[data-testid^='agent-status-']").first).to_be_visible()
     client = redis.Redis.from_url(redis_server.url)
     try:
-        channels = {c.decode() for c in client.pubsub_channels("relay:*")}
+        channels = {c.decode() for c in cast(list[bytes], client.pubsub_channels("relay:*"))}
     finally:
         client.close()
     assert "relay:default:events" not in channels, channels

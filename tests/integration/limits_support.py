@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import psutil  # type: ignore[import-untyped]
+import psutil
 from websockets.frames import Frame, Opcode
 
 from relay.orchestrator.client import RelayClient

@@ -131,7 +131,7 @@ async def test_twenty_clients_two_gateways_exactly_once_in_order(
         # number of clients and channels it serves.
         holders = pubsub_clients(redis_server)
         assert len(holders) == 2, holders
-        owners = []
+        owners: list[int] = []
         for holder in holders:
             port = int(holder["addr"].rsplit(":", 1)[1])
             owners.extend(i for i, gw in enumerate(gateways) if port in local_ports(gw))

@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import fakeredis
 import pytest
@@ -206,13 +206,16 @@ async def open_pause(b: RequestBudget, timeout: float = 5.0) -> tuple[asyncio.Ta
     return task, events
 
 
+DECISIONS: list[Literal["continue", "stop"]] = ["stop", "continue"]
+
+
 async def test_first_answer_wins_among_concurrent_answers(
     fake_redis: fakeredis.FakeAsyncRedis,
 ) -> None:
     b = budget(fake_redis)
     task, events = await open_pause(b)
     results = await asyncio.gather(
-        *(answer_budget(fake_redis, KEYS, b.request_id, d) for d in ["stop", "continue"] * 10),
+        *(answer_budget(fake_redis, KEYS, b.request_id, d) for d in DECISIONS * 10),
         return_exceptions=True,
     )
     winners = [r for r in results if isinstance(r, dict)]

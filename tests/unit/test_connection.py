@@ -12,7 +12,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import fakeredis
 import pytest
@@ -108,7 +108,8 @@ class Harness:
         pos = await self.hub.store.position(rid)
         assert pos.epoch is not None
         # Only what history still holds (it may be capped smaller than n).
-        oldest = await self.redis.xrange(self.client.keys.request(rid).history, count=1)
+        history = self.client.keys.request(rid).history
+        oldest = cast(list[tuple[bytes, Any]], await self.redis.xrange(history, count=1))
         first = int(oldest[0][0].split(b"-")[0])
         async for batch in self.hub.store.replay(rid, pos.epoch, max(pos.seq - n, first - 1)):
             out.extend(batch)

@@ -155,8 +155,8 @@ def parse_dockerfile(text: str) -> list[Stage]:
             words = rest.split()
             words = [w for w in words if not w.startswith("--")]
             base = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m[1], ""), words[0])
-            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(base, name, []))
+            alias = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(base, alias, []))
             continue
         assert stages, f"instruction before FROM: {line}"
         stages[-1].instructions.append(Instruction(keyword, rest))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import fakeredis
 import pytest
@@ -118,7 +118,7 @@ async def test_a_dead_listener_is_rebuilt_and_backfills(hub: Hub) -> None:
     await until(lambda: len(sub.got) == 1)
     before = hub.link.reconnects
     assert hub.link._pubsub is not None
-    await hub.link._pubsub.aclose()  # the connection dies under the reader
+    await hub.link._pubsub.aclose()  # type: ignore[no-untyped-call]  # the connection dies under the reader
     await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "b"})
     await until(lambda: hub.link.reconnects > before and hub.ready)
     await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "c"})
@@ -137,20 +137,20 @@ async def test_a_rollback_that_kept_the_epoch_gets_a_new_epoch(hub: Hub) -> None
         await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": str(i)})
     await until(lambda: len(sub.got) == 5)
     rk = client.keys.request(rid)
-    old_epoch = (await hub.redis.get(rk.epoch)).decode()
+    old_epoch = cast(bytes, await hub.redis.get(rk.epoch)).decode()
     # Roll the request back to seq 3, as a restore of an older copy would.
     await hub.redis.set(rk.seq, 3)
-    kept = await hub.redis.xrange(rk.history, max="3-0")
+    kept = cast(list[tuple[bytes, dict[Any, Any]]], await hub.redis.xrange(rk.history, max="3-0"))
     await hub.redis.delete(rk.history)
     for entry_id, fields in kept:
         await hub.redis.xadd(rk.history, fields, id=entry_id)
     assert hub.link._pubsub is not None
-    await hub.link._pubsub.aclose()  # the restart drops the connection
+    await hub.link._pubsub.aclose()  # type: ignore[no-untyped-call]  # the restart drops the connection
     await asyncio.sleep(0.01)
     for i in range(3):  # seqs 4, 5, 6 again, with other events
         await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": f"n{i}"})
     await until(lambda: bool(sub.resets))
-    new_epoch = (await hub.redis.get(rk.epoch)).decode()
+    new_epoch = cast(bytes, await hub.redis.get(rk.epoch)).decode()
     assert new_epoch != old_epoch
     assert sub.resets[0] == (rid, new_epoch, "epoch_changed")
     await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "after"})
