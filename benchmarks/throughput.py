@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import multiprocessing as mp
 import statistics
@@ -37,16 +38,26 @@ from tests.support import Gateway, RedisServer
 
 
 def run_clients(url: str, clients: int, expect: int, pipe: Connection) -> None:
-    """Child process: N clients; report (first receipt, last receipt, latencies)."""
+    """Child process: N clients; report (first and last receipt, latencies, delivered, shed)."""
+    delivered: list[int] = []
+    shed: collections.Counter[str] = collections.Counter()
 
     async def one(
         ws: Any, latencies: list[float], marks: list[float], ready: asyncio.Event
     ) -> None:
+        # Run until the last seq arrives. A client that falls further behind
+        # than history reaches is shed by policy (lagged, then resync_required):
+        # those frames are counted, not awaited, so the figures say what was
+        # delivered rather than hang.
         seen = 0
-        while seen < expect:
+        while True:
             frame = json.loads(await ws.recv())
-            if frame.get("type") == "pong":
+            kind = frame.get("type")
+            if kind == "pong":
                 ready.set()
+                continue
+            if kind in ("lagged", "resync_required"):
+                shed[kind] += 1
                 continue
             if "ts" not in frame:
                 continue
@@ -57,12 +68,17 @@ def run_clients(url: str, clients: int, expect: int, pipe: Connection) -> None:
             text = frame.get("text", "")
             if text and text[0].isdigit():
                 latencies.append(now - float(text))
+            if frame["seq"] >= expect:
+                break
+        delivered.append(seen)
         marks.append(time.time())
 
     async def main() -> None:
         sockets = [await websockets.connect(url, max_size=None) for _ in range(clients)]
         latencies: list[float] = []
         marks: list[float] = []
+        delivered.clear()
+        shed.clear()
         readies = [asyncio.Event() for _ in sockets]
         tasks = [
             asyncio.create_task(one(ws, latencies, marks, ev))
@@ -76,7 +92,7 @@ def run_clients(url: str, clients: int, expect: int, pipe: Connection) -> None:
         await asyncio.gather(*tasks)
         for ws in sockets:
             await ws.close()
-        pipe.send((min(marks), max(marks), latencies))
+        pipe.send((min(marks), max(marks), latencies, sum(delivered), dict(shed)))
 
     asyncio.run(main())
 
@@ -139,27 +155,27 @@ async def main(args: argparse.Namespace) -> None:
             url = f"{gw.ws_url}?request_id={rid}"
             proc, pipe = start_clients(url, args.clients, args.events)
             publish_s = await flood(redis.url, rid, args.events, args.publishers, args.batch)
-            first, last, _ = await asyncio.to_thread(pipe.recv)
+            first, last, _, delivered, shed = await asyncio.to_thread(pipe.recv)
             proc.join(10)
             span = last - first
             print(
                 f"throughput: {args.events:,} events published in {publish_s:.2f}s "
-                f"({args.events / publish_s:,.0f}/s); all clients had all in {span:.2f}s: "
-                f"{args.events / span:,.0f} events/s per client, "
-                f"{args.events * args.clients / span:,.0f} deliveries/s"
+                f"({args.events / publish_s:,.0f}/s); clients done in {span:.2f}s: "
+                f"{delivered:,} deliveries ({delivered / span:,.0f}/s), "
+                f"{args.events * args.clients - delivered:,} shed by policy {shed or ''}"
             )
 
             rid = str(uuid.uuid4())
             count = int(args.rate * args.seconds)
             proc, pipe = start_clients(f"{gw.ws_url}?request_id={rid}", args.clients, count)
             await paced(redis.url, rid, count, args.rate)
-            _, _, latencies = await asyncio.to_thread(pipe.recv)
+            _, _, latencies, _, shed = await asyncio.to_thread(pipe.recv)
             proc.join(10)
             ms = [v * 1000 for v in latencies]
             print(
                 f"latency at {args.rate:,.0f} events/s x {args.clients} clients "
                 f"({len(ms):,} receipts): p50 {statistics.median(ms):.2f} ms  "
-                f"p99 {pct(ms, 0.99):.2f} ms  max {max(ms):.2f} ms"
+                f"p99 {pct(ms, 0.99):.2f} ms  max {max(ms):.2f} ms; shed {shed or 'none'}"
             )
         finally:
             gw.stop()
