@@ -248,6 +248,22 @@ class BudgetConfig(_Section):
         return value
 
 
+class SdkConfig(_Section):
+    """``[sdk]``: how the orchestrator SDK (:func:`relay.connect`) publishes.
+
+    >>> SdkConfig(batch_window_ms=2.0, batch_max_events=128).batch_window_ms
+    2.0
+    """
+
+    batch_window_ms: Annotated[float, Field(ge=0, le=10_000)] = 5.0
+    """Longest time, in ms, an agent's text delta waits to share a publish with the
+    deltas that follow it (0: publish as soon as the previous publish returned)."""
+    batch_max_events: Annotated[int, Field(ge=1, le=10_000)] = 256
+    """Events of one agent in one publish; an agent holding this many waits for the
+    publish before buffering more (the buffer's overflow policy: block the producer).
+    1 turns batching off."""
+
+
 AUTH_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 """Signature algorithms ``auth.jwt_algorithms`` may list (never ``none``)."""
 
@@ -384,6 +400,7 @@ class GlobalConfig(_Section):
     auth: AuthConfig = AuthConfig()
     log: LogConfig = LogConfig()
     limits: LimitsConfig = LimitsConfig()
+    sdk: SdkConfig = SdkConfig()
 
     @model_validator(mode="before")
     @classmethod

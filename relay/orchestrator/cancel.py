@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
@@ -67,6 +67,7 @@ class CancelToken:
         self.reason: str | None = None
         self.cancelled_by: str | None = None
         self._event = asyncio.Event()
+        self._callbacks: list[Callable[[], None]] = []
 
     @property
     def id(self) -> str:
@@ -106,10 +107,36 @@ class CancelToken:
         """Forget the token (the agent finished); stops polling its tombstones."""
         self.registry._unregister(self)
 
+    def on_cancel(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` synchronously when this token is cancelled (at once if it is).
+
+        Returns a function that removes the callback. The SDK uses this to
+        interrupt an agent's task in the same step as the cancel arrives, so
+        a cancel of an ancestor lands on every nested agent of one task
+        before that task runs again.
+        """
+        if self._event.is_set():
+            callback()
+            return lambda: None
+        self._callbacks.append(callback)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._callbacks.remove(callback)
+
+        return remove
+
     def _fire(self, by: str, reason: str) -> None:
         if not self._event.is_set():
             self.reason, self.cancelled_by = reason, by
             self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:
+                    # One faulty callback must not stop the cancel reaching the others.
+                    log.exception("cancel callback of %s failed", self.id)
 
 
 class CancelRegistry:
