@@ -231,7 +231,7 @@ class Agent:
         if tokens < 0:
             raise ValueError("tokens: must be >= 0")
         self.raise_if_cancelled()
-        await self.request._wait_while_paused()
+        await self.request.wait_while_paused()
         self.tokens_used += tokens
         if self._prefix_bytes <= RESULT_SUMMARY_MAX_BYTES:
             self._prefix.append(chunk)
@@ -243,7 +243,7 @@ class Agent:
         if tokens < 0:
             raise ValueError("tokens: must be >= 0")
         self.raise_if_cancelled()
-        await self.request._wait_while_paused()
+        await self.request.wait_while_paused()
         self.tokens_used += tokens
         await self._box.add(None, tokens)
 
@@ -271,6 +271,7 @@ class Agent:
 
     async def publish(self, event: AgentEvent) -> None:
         """Publish any event in order with this agent's text; returns once it is in Redis."""
+        self.raise_if_cancelled()
         await self._box.add(event, wait=True)
 
     async def flush(self) -> None:

@@ -28,14 +28,15 @@ from collections.abc import Awaitable, Callable
 from relay.aio import cancel_and_wait
 from relay.wire.events import AgentEvent
 
-PublishBatch = Callable[[list[AgentEvent], int], Awaitable[None]]
-"""Publishes one batch: its events (in order) and the tokens they used."""
+PublishBatch = Callable[[list[AgentEvent], int, int], Awaitable[None]]
+"""Publishes one batch: its events (in order), the tokens they used, and how many
+of its first events used them (the budget update belongs right after those)."""
 
 
 class Outbox:
     """Buffers one agent's events and publishes them in order, in batches.
 
-    ``publish(events, tokens)`` is called with at most ``max_events`` events
+    ``publish(events, tokens, spent_by)`` is called with at most ``max_events`` events
     (possibly none, when only tokens were spent) from the outbox's own task.
     A failure of ``publish`` is kept and raised by every later
     :meth:`add`, :meth:`flush` and :meth:`close`: nothing is dropped silently.
@@ -136,15 +137,21 @@ class Outbox:
                     async with asyncio.timeout(self.window):
                         await self._urgent.wait()
             take = min(len(self._events), self.max_events)
-            events = [e for e in self._events[:take] if e is not None]
-            tokens = sum(self._tokens[:take])
+            events: list[AgentEvent] = []
+            tokens = spent_by = 0
+            for event, cost in zip(self._events[:take], self._tokens[:take], strict=True):
+                if event is not None:
+                    events.append(event)
+                if cost:
+                    tokens += cost
+                    spent_by = len(events)
             del self._events[:take], self._tokens[:take]
             if not self._events:
                 self._wake.clear()
                 self._urgent.clear()
             self._signal()  # room in the buffer for a blocked producer
             try:
-                await self._publish(events, tokens)
+                await self._publish(events, tokens, spent_by)
             except Exception as exc:
                 # Kept for the agent: raised by its next add/flush/close.
                 self._failure = exc

@@ -67,7 +67,11 @@ U32_MAX = 2**32 - 1
 
 
 class BudgetStatus(enum.Enum):
-    """What adding tokens did to the budget."""
+    """What adding tokens did to the budget.
+
+    >>> (await budget.add(500)).status
+    <BudgetStatus.OK: 'ok'>
+    """
 
     OK = "ok"
     WARNING = "warning"
@@ -76,7 +80,12 @@ class BudgetStatus(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class BudgetState:
-    """The outcome of one :meth:`RequestBudget.add`."""
+    """The outcome of one :meth:`RequestBudget.add`.
+
+    >>> state = await budget.add(500)
+    >>> state.used, state.total, state.percentage
+    (500, 10000, 5.0)
+    """
 
     status: BudgetStatus
     used: int
@@ -91,7 +100,12 @@ class BudgetState:
 
 @dataclass(frozen=True, slots=True)
 class PauseOutcome:
-    """How a budget pause ended."""
+    """How a budget pause ended.
+
+    >>> outcome = await budget.pause(publish, state)
+    >>> outcome.decision, outcome.decided_by
+    ('continue', 'client')
+    """
 
     decision: Decision
     decided_by: Literal["client", "timeout"]
@@ -102,6 +116,9 @@ class RequestBudget:
 
     ``total`` defaults to ``budget.default_request_budget``; a total below
     10,000 is raised to 10,000, like the original.
+
+    >>> budget = RequestBudget(rc.redis, rc.keys, request_id, total=200_000)
+    >>> state = await budget.add(1_200)
     """
 
     def __init__(

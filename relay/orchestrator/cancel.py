@@ -44,6 +44,9 @@ async def request_cancel(
     """Durably record a cancel of agent or request ``target_id`` and nudge orchestrators.
 
     Idempotent. Returns True when a tombstone already existed.
+
+    >>> await request_cancel(redis, Keys("acme"), agent_id, ttl=86400)
+    False
     """
     payload = json.dumps({"target_id": target_id, "reason": reason, "ts": int(time.time() * 1000)})
     pipe = redis.pipeline(transaction=True)
@@ -59,6 +62,10 @@ class CancelToken:
     ``lineage`` is every id from the request down to this one; pass it to
     another host so a token created there is reached by cancels of any
     ancestor (:meth:`CancelRegistry.token` with ``lineage=``).
+
+    >>> token = await registry.token(agent_id, lineage=[request_id, parent_id])
+    >>> token.is_cancelled()
+    False
     """
 
     def __init__(self, registry: CancelRegistry, lineage: tuple[str, ...]) -> None:
@@ -140,7 +147,13 @@ class CancelToken:
 
 
 class CancelRegistry:
-    """Receives cancels for the tokens of this process. One pub/sub connection."""
+    """Receives cancels for the tokens of this process. One pub/sub connection.
+
+    >>> registry = CancelRegistry(redis, Keys("acme"), poll_interval=2.0)
+    >>> await registry.start()
+    >>> root = await registry.token(request_id)
+    >>> await registry.close()
+    """
 
     def __init__(self, redis: Redis, keys: Keys, *, poll_interval: float = 2.0) -> None:
         self.redis = redis

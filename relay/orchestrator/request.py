@@ -72,9 +72,7 @@ class Request:
     ...         await root.text("Hello", tokens=1)
     """
 
-    def __init__(
-        self, connection: RelayConnection, request_id: str, *, budget: int | None
-    ) -> None:
+    def __init__(self, connection: RelayConnection, request_id: str, *, budget: int | None) -> None:
         self.connection = connection
         self.id = request_id
         """The request id (a lowercase hyphenated UUID string)."""
@@ -218,17 +216,20 @@ class Request:
         return await registry.token(lineage[-1], lineage=lineage[:-1])
 
     def _publisher(self, agent: Agent) -> PublishBatch:
-        async def publish(events: list[AgentEvent], tokens: int) -> None:
+        async def publish(events: list[AgentEvent], tokens: int, spent_by: int) -> None:
             state = await self.budget.add(tokens) if tokens else None
             batch = list(events)
             if state is not None:
-                batch.append(
+                # Right after the events that used the tokens, before (say)
+                # the agent's terminal event queued behind them.
+                batch.insert(
+                    spent_by,
                     BudgetUpdate(
                         request_id=uuid.UUID(self.id),
                         tokens_used=min(state.used, U32_MAX),
                         budget_total=min(state.total, U32_MAX),
                         percentage=state.percentage,
-                    )
+                    ),
                 )
             if batch:
                 await self.connection.client.publish_many(self.id, batch)
@@ -247,7 +248,8 @@ class Request:
     def _ended(self, agent: Agent) -> None:
         self._running.discard(agent)
 
-    async def _wait_while_paused(self) -> None:
+    async def wait_while_paused(self) -> None:
+        """Return once no budget pause of the request is open (at once if none is)."""
         if not self._gate.is_set():
             await self._gate.wait()
 

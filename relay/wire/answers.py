@@ -27,7 +27,7 @@ DECISION_LIST_TTL = 300
 class NoPendingDecision(Exception):
     """An answer arrived when no budget pause (or another one) was pending.
 
-    >>> raise NoPendingDecision("3f0c...")  # doctest: +SKIP
+    >>> raise NoPendingDecision("3f0c...")
     """
 
 
@@ -45,8 +45,8 @@ async def answer_budget(
     Returns the pause that was answered; raises :class:`NoPendingDecision`
     when none (or another one) is pending.
 
-    >>> pause = await answer_budget(rc.redis, rc.keys, request_id, "continue")  # doctest: +SKIP
-    >>> pause["pause_id"]  # doctest: +SKIP
+    >>> pause = await answer_budget(rc.redis, rc.keys, request_id, "continue")
+    >>> pause["pause_id"]
     '9b1d...'
     """
     rk = keys.request(request_id)
