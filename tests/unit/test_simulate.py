@@ -34,7 +34,7 @@ async def orchestrator(fake_redis: fakeredis.FakeAsyncRedis) -> AsyncIterator[Re
 
 
 async def history(client: RelayConnection, rid: str) -> list[dict[str, Any]]:
-    entries = await client.redis.xrange(client.keys.request(rid).history)
+    entries: Any = await client.redis.xrange(client.keys.request(rid).history)
     return [json.loads(fields[b"f"]) for _, fields in entries]
 
 
@@ -66,8 +66,9 @@ def check_well_formed(frames: list[dict[str, Any]], max_depth: int) -> None:
         if frame["type"] not in WITH_REQUEST_ID:
             del body["request_id"]
         parse_event(body)
-        agent = frame.get("agent_id")
+        agent: str | None = frame.get("agent_id")
         if frame["type"] == "agent_spawned":
+            assert agent is not None
             parent = frame["parent_id"]
             if parent is None:
                 assert frame["depth"] == 0 and not spawned, "exactly one root, spawned first"
@@ -200,7 +201,7 @@ async def test_cancelling_the_request_cancels_every_running_agent(orchestrator: 
     task = asyncio.create_task(run(client, opts, decision=None))
 
     async def streaming() -> bool:
-        return sum(f["type"] == "agent_text_delta" for f in await history(client, rid)) >= 5
+        return sum(f["type"] == "agent_text_delta" for f in await history(client, rid)) >= 5  # type: ignore[no-any-return]
 
     await eventually(streaming)
     await request_cancel(client.redis, client.keys, rid, ttl=60)
