@@ -365,7 +365,11 @@ def parse_event(data: AgentEvent | dict[str, Any] | str | bytes) -> AgentEvent:
 
 def event_request_id(event: AgentEvent) -> UUID | None:
     """The ``request_id`` an event carries in its own fields, if it has one."""
-    value = getattr(event, "request_id", None)
+    if "request_id" not in type(event).model_fields:
+        # Not getattr with a default: a missing attribute goes through
+        # pydantic's slow __getattr__, on every event of the publish path.
+        return None
+    value = event.request_id  # type: ignore[union-attr]
     return value if isinstance(value, UUID) else None
 
 
