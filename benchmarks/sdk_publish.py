@@ -47,9 +47,7 @@ def script_calls(redis: RedisServer) -> int:
     return total
 
 
-async def run(
-    redis: RedisServer, *, deltas: int, agents: int, max_events: int, tokens: int
-) -> str:
+async def run(redis: RedisServer, *, deltas: int, agents: int, max_events: int, tokens: int) -> str:
     config = relay.GlobalConfig(
         redis=relay.RedisConfig(url=redis.url),
         sdk=relay.SdkConfig(batch_max_events=max_events),
