@@ -50,6 +50,9 @@ class RedisConfig(_Section):
     The TLS settings need a ``rediss://`` URL: with ``redis://`` (or
     ``unix://``) they are an error rather than ignored, so a CA file in the
     config never hides a plain-text connection.
+
+    >>> RedisConfig(url="rediss://redis.internal:6380/0", tls_ca_file="ca.pem").tenant
+    'default'
     """
 
     url: str = Field(
@@ -195,6 +198,12 @@ def _readable(path: str) -> None:
 
 
 class GatewayConfig(_Section):
+    """``[gateway]``: where a gateway listens and how it treats its clients.
+
+    >>> GatewayConfig(port=9000, overflow_policy="close").send_queue_max
+    1024
+    """
+
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     send_queue_max: PositiveInt = 1024
@@ -221,6 +230,12 @@ class GatewayConfig(_Section):
 
 
 class HistoryConfig(_Section):
+    """``[history]``: how much of each request's stream Redis keeps, and for how long.
+
+    >>> HistoryConfig(max_events=50_000).ttl_seconds
+    86400
+    """
+
     max_events: PositiveInt = 10_000
     ttl_seconds: PositiveInt = 24 * 3600
     state_ttl_seconds: PositiveInt = 7 * 24 * 3600
@@ -228,11 +243,23 @@ class HistoryConfig(_Section):
 
 
 class CancelConfig(_Section):
+    """``[cancel]``: tombstone lifetime and how often orchestrators re-check them.
+
+    >>> CancelConfig(poll_interval=0.5).tombstone_ttl_seconds
+    86400
+    """
+
     tombstone_ttl_seconds: PositiveInt = 24 * 3600
     poll_interval: PositiveFloat = 2.0
 
 
 class BudgetConfig(_Section):
+    """``[budget]``: default request budget, warning threshold, pause timeout.
+
+    >>> BudgetConfig(warning_threshold=0.9, timeout_decision="continue").decision_timeout_seconds
+    60.0
+    """
+
     default_request_budget: int = 500_000
     warning_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.8
     decision_timeout_seconds: PositiveFloat = 60.0
@@ -246,6 +273,22 @@ class BudgetConfig(_Section):
             log.warning("budget.default_request_budget %d raised to %d", value, MIN_REQUEST_BUDGET)
             return MIN_REQUEST_BUDGET
         return value
+
+
+class SdkConfig(_Section):
+    """``[sdk]``: how the orchestrator SDK (:func:`relay.connect`) publishes.
+
+    >>> SdkConfig(batch_window_ms=2.0, batch_max_events=128).batch_window_ms
+    2.0
+    """
+
+    batch_window_ms: Annotated[float, Field(ge=0, le=10_000)] = 5.0
+    """Longest time, in ms, an agent's text delta waits to share a publish with the
+    deltas that follow it (0: publish as soon as the previous publish returned)."""
+    batch_max_events: Annotated[int, Field(ge=1, le=10_000)] = 256
+    """Events of one agent in one publish; an agent holding this many waits for the
+    publish before buffering more (the buffer's overflow policy: block the producer).
+    1 turns batching off."""
 
 
 AUTH_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
@@ -374,7 +417,11 @@ class LimitsConfig(_Section):
 
 
 class GlobalConfig(_Section):
-    """All of relay's settings. Build it with :func:`load_config`."""
+    """All of relay's settings. Build it with :func:`load_config`.
+
+    >>> config = load_config("config.toml")
+    >>> config.redis.url, config.sdk.batch_window_ms
+    """
 
     redis: RedisConfig = RedisConfig()
     gateway: GatewayConfig = GatewayConfig()
@@ -384,6 +431,7 @@ class GlobalConfig(_Section):
     auth: AuthConfig = AuthConfig()
     log: LogConfig = LogConfig()
     limits: LimitsConfig = LimitsConfig()
+    sdk: SdkConfig = SdkConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -416,7 +464,13 @@ SECTIONS: tuple[str, ...] = tuple(GlobalConfig.model_fields)
 
 
 class ConfigError(Exception):
-    """The configuration is invalid; the message names the key."""
+    """The configuration is invalid; the message names the key.
+
+    >>> load_config(environ={"RELAY_GATEWAY_PORT": "x"})
+    Traceback (most recent call last):
+    ConfigError: invalid configuration:
+      gateway.port: Input should be a valid integer ... (in environment variable RELAY_GATEWAY_PORT)
+    """
 
 
 def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
@@ -457,6 +511,10 @@ def load_config(
     ``path`` defaults to ``$RELAY_CONFIG``; with neither, only defaults and the
     environment apply. A path that was asked for but does not exist is an
     error. Raises :class:`ConfigError` naming the bad key.
+
+    >>> config = load_config("config.toml", environ={"RELAY_REDIS_URL": "redis://r:6379/0"})
+    >>> config.redis.url
+    'redis://r:6379/0'
     """
     env = os.environ if environ is None else environ
     chosen = path if path is not None else env.get("RELAY_CONFIG") or None

@@ -28,8 +28,8 @@ from redis.exceptions import RedisError
 from relay.config import GlobalConfig
 from relay.gateway.auth import Principal, anonymous_principal
 from relay.gateway.metrics import Metrics
-from relay.orchestrator.budget import Decision, NoPendingDecision, answer_budget
 from relay.orchestrator.cancel import request_cancel
+from relay.wire.answers import Decision, NoPendingDecision, answer_budget
 from relay.wire.commands import (
     BudgetContinue,
     BudgetStop,

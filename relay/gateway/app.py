@@ -202,7 +202,10 @@ async def budget_route(request: Request) -> Response:
 
 
 def create_app(config: GlobalConfig | None = None) -> Starlette:
-    """Build the gateway app. ``config`` defaults to :func:`relay.config.load_config`."""
+    """Build the gateway app. ``config`` defaults to :func:`relay.config.load_config`.
+
+    >>> app = create_app(load_config())  # then serve it: uvicorn.run(app, port=8000)
+    """
     cfg = config if config is not None else load_config()
     auth = Authenticator.from_config(cfg)  # a jwt mode without a key fails here, at startup
     registries: list[Metrics] = []

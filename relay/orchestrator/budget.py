@@ -38,23 +38,40 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from relay.config import MIN_REQUEST_BUDGET, BudgetConfig
+
+# Answers are recorded by relay.wire.answers (shared with the gateway and the
+# CLI); re-exported here because this is where orchestrators look for them.
+from relay.wire.answers import DECISION_LIST_TTL, Decision, NoPendingDecision, answer_budget
 from relay.wire.events import BudgetDecision, BudgetWarning
 from relay.wire.keys import Keys
 from relay.wire.scripts import as_text, script
 
 log = logging.getLogger(__name__)
 
-Decision = Literal["continue", "stop"]
+__all__ = [
+    "DECISION_LIST_TTL",
+    "BudgetState",
+    "BudgetStatus",
+    "Decision",
+    "NoPendingDecision",
+    "PauseOutcome",
+    "RequestBudget",
+    "answer_budget",
+]
+
 PublishFn: TypeAlias = Callable[[BudgetWarning | BudgetDecision], Awaitable[object]]
 """Publishes one event of the request (``RelayClient.publish`` bound to it)."""
-DECISION_LIST_TTL = 300
 BLPOP_SLICE = 1.0
 """Longest single BLPOP of a pause, in seconds (below any sane socket timeout)."""
 U32_MAX = 2**32 - 1
 
 
 class BudgetStatus(enum.Enum):
-    """What adding tokens did to the budget."""
+    """What adding tokens did to the budget.
+
+    >>> (await budget.add(500)).status
+    <BudgetStatus.OK: 'ok'>
+    """
 
     OK = "ok"
     WARNING = "warning"
@@ -63,7 +80,12 @@ class BudgetStatus(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class BudgetState:
-    """The outcome of one :meth:`RequestBudget.add`."""
+    """The outcome of one :meth:`RequestBudget.add`.
+
+    >>> state = await budget.add(500)
+    >>> state.used, state.total, state.percentage
+    (500, 10000, 5.0)
+    """
 
     status: BudgetStatus
     used: int
@@ -78,14 +100,15 @@ class BudgetState:
 
 @dataclass(frozen=True, slots=True)
 class PauseOutcome:
-    """How a budget pause ended."""
+    """How a budget pause ended.
+
+    >>> outcome = await budget.pause(publish, state)
+    >>> outcome.decision, outcome.decided_by
+    ('continue', 'client')
+    """
 
     decision: Decision
     decided_by: Literal["client", "timeout"]
-
-
-class NoPendingDecision(Exception):
-    """An answer arrived when no budget pause (or another one) was pending."""
 
 
 class RequestBudget:
@@ -93,6 +116,9 @@ class RequestBudget:
 
     ``total`` defaults to ``budget.default_request_budget``; a total below
     10,000 is raised to 10,000, like the original.
+
+    >>> budget = RequestBudget(rc.redis, rc.keys, request_id, total=200_000)
+    >>> state = await budget.add(1_200)
     """
 
     def __init__(
@@ -256,29 +282,3 @@ def _outcome(raw: bytes | str) -> PauseOutcome:
     text = as_text(raw)
     by, _, decision = text.partition(":")
     return PauseOutcome(_decision(decision), "client" if by == "client" else "timeout")
-
-
-async def answer_budget(
-    redis: Redis,
-    keys: Keys,
-    request_id: str,
-    decision: Decision,
-    pause_id: str | None = None,
-) -> dict[str, object]:
-    """Answer the request's pending pause; first answer wins.
-
-    With ``pause_id`` the answer applies only to that pause, so an answer
-    meant for a pause that already ended can never reach a later one.
-    Returns the pause that was answered; raises :class:`NoPendingDecision`
-    when none (or another one) is pending.
-    """
-    rk = keys.request(request_id)
-    answered = await script("budget_answer")(
-        redis,
-        [rk.pending, rk.decision, rk.decided],
-        [decision, DECISION_LIST_TTL, pause_id or ""],
-    )
-    if not answered:
-        raise NoPendingDecision(request_id)
-    pause: dict[str, object] = json.loads(answered)
-    return pause

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
@@ -44,6 +44,9 @@ async def request_cancel(
     """Durably record a cancel of agent or request ``target_id`` and nudge orchestrators.
 
     Idempotent. Returns True when a tombstone already existed.
+
+    >>> await request_cancel(redis, Keys("acme"), agent_id, ttl=86400)
+    False
     """
     payload = json.dumps({"target_id": target_id, "reason": reason, "ts": int(time.time() * 1000)})
     pipe = redis.pipeline(transaction=True)
@@ -59,6 +62,10 @@ class CancelToken:
     ``lineage`` is every id from the request down to this one; pass it to
     another host so a token created there is reached by cancels of any
     ancestor (:meth:`CancelRegistry.token` with ``lineage=``).
+
+    >>> token = await registry.token(agent_id, lineage=[request_id, parent_id])
+    >>> token.is_cancelled()
+    False
     """
 
     def __init__(self, registry: CancelRegistry, lineage: tuple[str, ...]) -> None:
@@ -67,6 +74,7 @@ class CancelToken:
         self.reason: str | None = None
         self.cancelled_by: str | None = None
         self._event = asyncio.Event()
+        self._callbacks: list[Callable[[], None]] = []
 
     @property
     def id(self) -> str:
@@ -106,14 +114,46 @@ class CancelToken:
         """Forget the token (the agent finished); stops polling its tombstones."""
         self.registry._unregister(self)
 
+    def on_cancel(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` synchronously when this token is cancelled (at once if it is).
+
+        Returns a function that removes the callback. The SDK uses this to
+        interrupt an agent's task in the same step as the cancel arrives, so
+        a cancel of an ancestor lands on every nested agent of one task
+        before that task runs again.
+        """
+        if self._event.is_set():
+            callback()
+            return lambda: None
+        self._callbacks.append(callback)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._callbacks.remove(callback)
+
+        return remove
+
     def _fire(self, by: str, reason: str) -> None:
         if not self._event.is_set():
             self.reason, self.cancelled_by = reason, by
             self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:
+                    # One faulty callback must not stop the cancel reaching the others.
+                    log.exception("cancel callback of %s failed", self.id)
 
 
 class CancelRegistry:
-    """Receives cancels for the tokens of this process. One pub/sub connection."""
+    """Receives cancels for the tokens of this process. One pub/sub connection.
+
+    >>> registry = CancelRegistry(redis, Keys("acme"), poll_interval=2.0)
+    >>> await registry.start()
+    >>> root = await registry.token(request_id)
+    >>> await registry.close()
+    """
 
     def __init__(self, redis: Redis, keys: Keys, *, poll_interval: float = 2.0) -> None:
         self.redis = redis

@@ -41,12 +41,22 @@ ACTIVE_TRIM_EVERY = 256
 
 class PublishError(Exception):
     """Publishing failed for good: Redis unreachable past the retry bound, or the call
-    refused (the message then includes the publish script's ``relay: ...`` refusal)."""
+    refused (the message then includes the publish script's ``relay: ...`` refusal).
+
+    >>> try:
+    ...     await client.publish(request_id, event)
+    ... except PublishError as exc:
+    ...     log.error("event not published: %s", exc)
+    """
 
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    """Where a publish landed: its seq range, the stream epoch and Redis time."""
+    """Where a publish landed: its seq range, the stream epoch and Redis time.
+
+    >>> published = await client.publish_many(request_id, events)
+    >>> published.first_seq, published.last_seq
+    """
 
     first_seq: int
     last_seq: int

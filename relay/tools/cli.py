@@ -147,14 +147,16 @@ def _read_events(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from relay.orchestrator.client import PublishError, RelayClient
+    from relay.orchestrator.client import PublishError
+    from relay.orchestrator.connect import connect
 
     config = _config(args)
     events = _read_events(args)
 
     async def run() -> Any:
-        async with RelayClient.from_config(config) as client:
-            return await client.publish_many(args.request_id, events)
+        # The SDK's one entry point, so every [redis] setting applies here too.
+        async with connect(config) as rc:
+            return await rc.client.publish_many(args.request_id, events)
 
     try:
         published = asyncio.run(run())
@@ -222,16 +224,14 @@ def _redis_action(args: argparse.Namespace, action: Callable[..., Any]) -> Any:
     from redis.exceptions import RedisError
 
     from relay import redisconn
-    from relay.wire.keys import Keys
+    from relay.orchestrator.connect import connect
 
     config = _config(args)
 
     async def run() -> Any:
-        redis = redisconn.client(config)
-        try:
-            return await action(redis, Keys(config.redis.tenant), config)
-        finally:
-            await redis.aclose()
+        # Through relay.connect like the SDK, so every [redis] setting applies.
+        async with connect(config) as rc:
+            return await action(rc.redis, rc.keys, config)
 
     try:
         return asyncio.run(run())
@@ -284,7 +284,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
-    from relay.orchestrator.budget import Decision, NoPendingDecision, answer_budget
+    from relay.wire.answers import Decision, NoPendingDecision, answer_budget
 
     decision: Decision = "continue" if args.command == "continue" else "stop"
 

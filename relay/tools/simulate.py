@@ -2,18 +2,16 @@
 
 :func:`simulate` runs one request the way the original platform did: a root
 agent plans, spawns sub-agents in parallel and sequential batches (up to three
-levels deep), every agent streams text deltas each followed by a
-``budget_update``, the budget pauses at the warning for a decision, the root
-synthesises, and every agent ends with ``agent_completed`` or
-``agent_cancelled``. Text and token costs come from a seeded plan
-(:mod:`relay.tools.simplan`); the runtime that honours cancels and budget
-decisions is :mod:`relay.tools.simrun`.
+levels deep), every agent streams text deltas with their ``budget_update``,
+the budget pauses at the warning for a decision, the root synthesises, and
+every agent ends with ``agent_completed`` or ``agent_cancelled``. Text and
+token costs come from a seeded plan (:mod:`relay.tools.simplan`); the agents
+run on the orchestrator SDK (:mod:`relay.tools.simrun`), which honours
+cancels and budget decisions.
 
->>> async with RelayClient.from_url("redis://localhost") as client:
-...     registry = CancelRegistry(client.redis, client.keys)
-...     await registry.start()
-...     result = await simulate(client, registry, SimOptions(agents=6, depth=3))
-...     await registry.close()
+>>> async with relay.connect(relay.load_config()) as rc:
+...     result = await simulate(rc, SimOptions(agents=6, depth=3))
+...     print(result.summary())
 
 ``relay simulate`` (:func:`run_simulate_cli`) is a thin adapter over it.
 """
@@ -29,12 +27,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from relay.config import MIN_REQUEST_BUDGET, BudgetConfig, GlobalConfig
-from relay.orchestrator.budget import PauseOutcome, RequestBudget
-from relay.orchestrator.cancel import CancelRegistry, CancelToken
-from relay.orchestrator.client import PublishError, RelayClient, normalize_request_id
+from relay.config import MIN_REQUEST_BUDGET, GlobalConfig
+from relay.orchestrator.budget import PauseOutcome
+from relay.orchestrator.client import PublishError, normalize_request_id
+from relay.orchestrator.connect import RelayConnection, connect
+from relay.orchestrator.request import Outcome, Request
 from relay.tools.simplan import MAX_DEPTH, build_plan, seed_for
-from relay.tools.simrun import Outcome, RequestRun
+from relay.tools.simrun import run_agent
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,58 +108,51 @@ class SimulationResult:
 
 
 async def simulate(
-    client: RelayClient,
-    registry: CancelRegistry,
+    rc: RelayConnection,
     options: SimOptions,
-    config: BudgetConfig | None = None,
+    *,
+    started: Callable[[Request], None] | None = None,
 ) -> SimulationResult:
     """Run one simulated request to its end and report what happened.
 
-    ``registry`` must be started (:meth:`CancelRegistry.start`); the caller
-    owns it and may share it between runs. ``config`` supplies the default
-    budget, the warning threshold and the pause timeout and its default.
-    Raises :class:`relay.PublishError` when Redis stays unreachable past the
-    client's retry bound.
+    The connection's ``[budget]`` settings supply the default budget, the
+    warning threshold and the pause timeout and its default. ``started`` is
+    called with the request once it runs (the CLI uses it to cancel the run
+    on a signal). Raises :class:`relay.PublishError` when Redis stays
+    unreachable past the client's retry bound.
     """
     rid = normalize_request_id(options.request_id or uuid.uuid4())
-    budget = RequestBudget(client.redis, client.keys, rid, total=options.budget, config=config)
-    total_deltas = (options.agents + 1) * options.deltas
-    plan = build_plan(
-        rid,
-        agents=options.agents,
-        max_depth=options.depth,
-        deltas=options.deltas,
-        tokens_per_delta=options.tokens_per_delta or max(1, budget.total * 9 // 10 // total_deltas),
-        seed=options.seed if options.seed is not None else seed_for(rid),
-    )
-    run = RequestRun(
-        client,
-        budget,
-        delta_interval=options.delta_interval,
-        decision_timeout=options.decision_timeout,
-        max_depth=options.depth,
-    )
-    started = time.monotonic()
-    # The request token is the root of every agent's lineage, so a cancel of
-    # the request id reaches every agent. Registering it checks the request's
-    # tombstone: a cancel written before the run started is honoured now.
-    request_token = await registry.token(rid)
-    try:
-        await run.spawn(plan, request_token, index=0, total=1)
-    finally:
-        request_token.release()
-        await run.close()
+    began = time.monotonic()
+    async with rc.request(rid, budget=options.budget) as req:
+        req.decision_timeout = options.decision_timeout
+        if started is not None:
+            started(req)
+        total_deltas = (options.agents + 1) * options.deltas
+        plan = build_plan(
+            rid,
+            agents=options.agents,
+            max_depth=options.depth,
+            deltas=options.deltas,
+            tokens_per_delta=options.tokens_per_delta
+            or max(1, req.budget.total * 9 // 10 // total_deltas),
+            seed=options.seed if options.seed is not None else seed_for(rid),
+        )
+        await run_agent(
+            req, plan, None, index=0, total=1,
+            delta_interval=options.delta_interval, max_depth=options.depth,
+        )  # fmt: skip
+    agents = req.agents.values()
     return SimulationResult(
         request_id=rid,
-        outcome=run.outcome(plan),
-        events_published=run.published,
-        agents_spawned=len(run.spawned),
-        agents_completed=len(run.completed),
-        agents_cancelled=len(run.cancelled),
-        tokens_used=await budget.used(),
-        budget_total=budget.total,
-        decision=run.decision,
-        duration_s=time.monotonic() - started,
+        outcome=req.outcome,
+        events_published=req.events_published,
+        agents_spawned=len(agents),
+        agents_completed=sum(1 for a in agents if a.outcome == "completed"),
+        agents_cancelled=sum(1 for a in agents if a.outcome == "cancelled"),
+        tokens_used=await req.budget.used(),
+        budget_total=req.budget.total,
+        decision=req.decision,
+        duration_s=time.monotonic() - began,
     )
 
 
@@ -238,11 +230,9 @@ def run_simulate_cli(args: argparse.Namespace, config: GlobalConfig) -> int:
 async def _run_cli(
     options: SimOptions, config: GlobalConfig, runs: int | None, args: argparse.Namespace
 ) -> None:
-    client = RelayClient.from_config(config)
-    registry = CancelRegistry(client.redis, client.keys, poll_interval=config.cancel.poll_interval)
     stopping = asyncio.Event()
     main = asyncio.current_task()
-    guard: CancelToken | None = None
+    current: Request | None = None
 
     def on_signal() -> None:
         # First signal: end the current request the way a cancel would (each
@@ -250,41 +240,39 @@ async def _run_cli(
         if stopping.is_set() and main is not None:
             main.cancel()
         stopping.set()
-        if guard is not None:
-            guard.cancel("orchestrator shutting down")
+        if current is not None:
+            # Local only: Redis may be what is failing.
+            current.cancel_local("orchestrator shutting down")
+
+    def on_start(req: Request) -> None:
+        nonlocal current
+        current = req
+        if stopping.is_set():
+            req.cancel_local("orchestrator shutting down")
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     try:
-        await registry.start()
-        done = 0
-        while not stopping.is_set() and (runs is None or done < runs):
-            if done:
-                await _sleep_unless(stopping, args.gap)
-                if stopping.is_set():
-                    break
-            run_options = replace(options, request_id=options.request_id or str(uuid.uuid4()))
-            rid = str(run_options.request_id)
-            if not args.quiet:
-                print(f"request {rid}", flush=True)
-            # A local token on the request lets a signal cancel the run
-            # without writing a tombstone (Redis may be what is failing).
-            guard = await registry.token(rid)
-            if stopping.is_set():
-                guard.cancel("orchestrator shutting down")
-            try:
-                result = await simulate(client, registry, run_options, config.budget)
-            finally:
-                guard.release()
-                guard = None
-            print(result.summary(), flush=True)
-            done += 1
+        async with connect(config) as rc:
+            done = 0
+            while not stopping.is_set() and (runs is None or done < runs):
+                if done:
+                    await _sleep_unless(stopping, args.gap)
+                    if stopping.is_set():
+                        break
+                run_options = replace(options, request_id=options.request_id or str(uuid.uuid4()))
+                if not args.quiet:
+                    print(f"request {run_options.request_id}", flush=True)
+                try:
+                    result = await simulate(rc, run_options, started=on_start)
+                finally:
+                    current = None
+                print(result.summary(), flush=True)
+                done += 1
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await registry.close()
-        await client.aclose()
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:

@@ -26,13 +26,26 @@ U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
 RESULT_SUMMARY_MAX_BYTES = 200
 
 
+def _schema_description(schema: dict[str, Any], cls: type[Any]) -> None:
+    # The JSON Schema (``relay schema``) describes each event with its
+    # docstring's prose; the Python example after it is for Python readers.
+    if isinstance(description := schema.get("description"), str):
+        schema["description"] = description.split("\n\n>>>", 1)[0].strip()
+
+
 class _Event(BaseModel):
     # Events from orchestrators are strict about unknown fields: a typo in a
     # field name is refused before it reaches Redis instead of being dropped.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_schema_description)
 
 
 class AgentSpawned(_Event):
+    """An agent started (``parent_id`` None for the root).
+
+    >>> AgentSpawned(agent_id=aid, parent_id=None, task_description="Research",
+    ...              depth=0, index=0, total=1)
+    """
+
     type: Literal["agent_spawned"] = "agent_spawned"
     agent_id: UUID
     parent_id: UUID | None
@@ -43,12 +56,22 @@ class AgentSpawned(_Event):
 
 
 class AgentTextDelta(_Event):
+    """A chunk of an agent's streamed text.
+
+    >>> AgentTextDelta(agent_id=aid, text="Hello")
+    """
+
     type: Literal["agent_text_delta"] = "agent_text_delta"
     agent_id: UUID
     text: str
 
 
 class AgentCompleted(_Event):
+    """An agent finished; ``result_summary`` is cut at 200 bytes (plus "...").
+
+    >>> AgentCompleted(agent_id=aid, result_summary="Done", tokens_used=812, duration_ms=5400)
+    """
+
     type: Literal["agent_completed"] = "agent_completed"
     agent_id: UUID
     result_summary: str
@@ -67,6 +90,11 @@ class AgentCompleted(_Event):
 
 
 class AgentFailed(_Event):
+    """An agent ended with an error.
+
+    >>> AgentFailed(agent_id=aid, error="TimeoutError: model call", will_retry=False)
+    """
+
     type: Literal["agent_failed"] = "agent_failed"
     agent_id: UUID
     error: str
@@ -74,12 +102,22 @@ class AgentFailed(_Event):
 
 
 class AgentCancelled(_Event):
+    """An agent stopped because it (or an ancestor, or its request) was cancelled.
+
+    >>> AgentCancelled(agent_id=aid, reason="cancelled by user")
+    """
+
     type: Literal["agent_cancelled"] = "agent_cancelled"
     agent_id: UUID
     reason: str
 
 
 class BudgetUpdate(_Event):
+    """Tokens used by the whole request so far (``percentage`` is 0-100).
+
+    >>> BudgetUpdate(request_id=rid, tokens_used=4000, budget_total=10000, percentage=40.0)
+    """
+
     type: Literal["budget_update"] = "budget_update"
     request_id: UUID
     tokens_used: U32
@@ -88,6 +126,11 @@ class BudgetUpdate(_Event):
 
 
 class BudgetWarning(_Event):
+    """The request crossed its warning threshold; a budget pause is open.
+
+    >>> BudgetWarning(request_id=rid, tokens_used=8000, budget_total=10000)
+    """
+
     type: Literal["budget_warning"] = "budget_warning"
     request_id: UUID
     tokens_used: U32
@@ -95,6 +138,12 @@ class BudgetWarning(_Event):
 
 
 class BudgetExhausted(_Event):
+    """The request used its whole budget; the listed sub-agents did or did not finish.
+
+    >>> BudgetExhausted(request_id=rid, tokens_used=10000, budget_total=10000,
+    ...                 completed_agents=[], incomplete_agents=[aid])
+    """
+
     type: Literal["budget_exhausted"] = "budget_exhausted"
     request_id: UUID
     tokens_used: U32
@@ -104,6 +153,11 @@ class BudgetExhausted(_Event):
 
 
 class DepthLimitReached(_Event):
+    """An agent tried to spawn a sub-agent below the depth limit.
+
+    >>> DepthLimitReached(agent_id=aid, attempted_depth=4, max_depth=3)
+    """
+
     type: Literal["depth_limit_reached"] = "depth_limit_reached"
     agent_id: UUID
     attempted_depth: U8
@@ -111,23 +165,43 @@ class DepthLimitReached(_Event):
 
 
 class CycleDetected(_Event):
+    """An agent was refused because it would repeat an ancestor's task.
+
+    >>> CycleDetected(agent_id=aid, cycle_description="A -> B -> A")
+    """
+
     type: Literal["cycle_detected"] = "cycle_detected"
     agent_id: UUID
     cycle_description: str
 
 
 class SynthesisStarted(_Event):
+    """The root agent started combining its sub-agents' results.
+
+    >>> SynthesisStarted(request_id=rid)
+    """
+
     type: Literal["synthesis_started"] = "synthesis_started"
     request_id: UUID
 
 
 class MemoryCreated(_Event):
+    """An agent stored a fact in long-term memory.
+
+    >>> MemoryCreated(agent_id=aid, fact="User prefers sources")
+    """
+
     type: Literal["memory_created"] = "memory_created"
     agent_id: UUID
     fact: str
 
 
 class ProviderFailover(_Event):
+    """Model calls moved from one provider to another.
+
+    >>> ProviderFailover(from_provider="openai", to_provider="anthropic", reason="429")
+    """
+
     type: Literal["provider_failover"] = "provider_failover"
     from_provider: str
     to_provider: str
@@ -135,6 +209,11 @@ class ProviderFailover(_Event):
 
 
 class WorkflowRunStarted(_Event):
+    """A workflow run started.
+
+    >>> WorkflowRunStarted(run_id=run, workflow_name="nightly", trigger_type="cron")
+    """
+
     type: Literal["workflow_run_started"] = "workflow_run_started"
     run_id: UUID
     workflow_name: str
@@ -142,6 +221,11 @@ class WorkflowRunStarted(_Event):
 
 
 class WorkflowStepStarted(_Event):
+    """A step of a workflow run started.
+
+    >>> WorkflowStepStarted(run_id=run, step_id="s1", step_name="fetch", step_type="http")
+    """
+
     type: Literal["workflow_step_started"] = "workflow_step_started"
     run_id: UUID
     step_id: str
@@ -150,6 +234,11 @@ class WorkflowStepStarted(_Event):
 
 
 class WorkflowStepCompleted(_Event):
+    """A step of a workflow run finished.
+
+    >>> WorkflowStepCompleted(run_id=run, step_id="s1", step_name="fetch", duration_ms=120)
+    """
+
     type: Literal["workflow_step_completed"] = "workflow_step_completed"
     run_id: UUID
     step_id: str
@@ -158,6 +247,12 @@ class WorkflowStepCompleted(_Event):
 
 
 class WorkflowStepFailed(_Event):
+    """A step of a workflow run failed.
+
+    >>> WorkflowStepFailed(run_id=run, step_id="s1", step_name="fetch", error="404",
+    ...                    will_retry=True)
+    """
+
     type: Literal["workflow_step_failed"] = "workflow_step_failed"
     run_id: UUID
     step_id: str
@@ -167,6 +262,12 @@ class WorkflowStepFailed(_Event):
 
 
 class WorkflowRunCompleted(_Event):
+    """A workflow run finished.
+
+    >>> WorkflowRunCompleted(run_id=run, workflow_name="nightly", duration_ms=9000,
+    ...                      steps_completed=3)
+    """
+
     type: Literal["workflow_run_completed"] = "workflow_run_completed"
     run_id: UUID
     workflow_name: str
@@ -175,6 +276,11 @@ class WorkflowRunCompleted(_Event):
 
 
 class WorkflowRunFailed(_Event):
+    """A workflow run failed.
+
+    >>> WorkflowRunFailed(run_id=run, workflow_name="nightly", error="step s2 failed")
+    """
+
     type: Literal["workflow_run_failed"] = "workflow_run_failed"
     run_id: UUID
     workflow_name: str
@@ -182,6 +288,11 @@ class WorkflowRunFailed(_Event):
 
 
 class WorkflowRunPaused(_Event):
+    """A workflow run paused at a step.
+
+    >>> WorkflowRunPaused(run_id=run, step_id="s2", reason="awaiting approval")
+    """
+
     type: Literal["workflow_run_paused"] = "workflow_run_paused"
     run_id: UUID
     step_id: str
@@ -189,7 +300,10 @@ class WorkflowRunPaused(_Event):
 
 
 class BudgetDecision(_Event):
-    """relay extension: the outcome of a budget pause, seen by every viewer."""
+    """relay extension: the outcome of a budget pause, seen by every viewer.
+
+    >>> BudgetDecision(request_id=rid, decision="continue", decided_by="client")
+    """
 
     type: Literal["budget_decision"] = "budget_decision"
     request_id: UUID
@@ -238,6 +352,9 @@ def parse_event(data: AgentEvent | dict[str, Any] | str | bytes) -> AgentEvent:
 
     Accepts a model instance (returned as is), a dict with a ``type`` key, or
     JSON text. Raises ``pydantic.ValidationError`` naming the bad field.
+
+    >>> parse_event({"type": "synthesis_started", "request_id": rid}).type
+    'synthesis_started'
     """
     if isinstance(data, _Event):
         return data
@@ -248,7 +365,11 @@ def parse_event(data: AgentEvent | dict[str, Any] | str | bytes) -> AgentEvent:
 
 def event_request_id(event: AgentEvent) -> UUID | None:
     """The ``request_id`` an event carries in its own fields, if it has one."""
-    value = getattr(event, "request_id", None)
+    if "request_id" not in type(event).model_fields:
+        # Not getattr with a default: a missing attribute goes through
+        # pydantic's slow __getattr__, on every event of the publish path.
+        return None
+    value = event.request_id  # type: ignore[union-attr]
     return value if isinstance(value, UUID) else None
 
 

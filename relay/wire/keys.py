@@ -69,7 +69,11 @@ class RequestKeys:
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Key and channel builder for one tenant."""
+    """Key and channel builder for one tenant.
+
+    >>> Keys("acme").request("3f0c2a6e-0d6b-4c1e-9e4b-8d6a1f2b3c4d").seq
+    'relay:acme:req:{3f0c2a6e-0d6b-4c1e-9e4b-8d6a1f2b3c4d}:seq'
+    """
 
     tenant: str = "default"
 

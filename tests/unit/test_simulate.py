@@ -12,11 +12,12 @@ from typing import Any
 import fakeredis
 import pytest
 
-from relay.orchestrator.budget import NoPendingDecision, answer_budget
-from relay.orchestrator.cancel import CancelRegistry, request_cancel
-from relay.orchestrator.client import RelayClient
+from relay.config import CancelConfig, GlobalConfig
+from relay.orchestrator.cancel import request_cancel
+from relay.orchestrator.connect import RelayConnection, connect
 from relay.tools.simplan import build_plan
 from relay.tools.simulate import SimOptions, SimulationResult, simulate
+from relay.wire.answers import NoPendingDecision, answer_budget
 from relay.wire.events import parse_event
 
 WITH_REQUEST_ID = {
@@ -26,18 +27,14 @@ TERMINAL = {"agent_completed", "agent_cancelled"}
 
 
 @pytest.fixture
-async def orchestrator(
-    fake_redis: fakeredis.FakeAsyncRedis,
-) -> AsyncIterator[tuple[RelayClient, CancelRegistry]]:
-    client = RelayClient(fake_redis, owns_connection=False)
-    registry = CancelRegistry(fake_redis, client.keys, poll_interval=0.1)
-    await registry.start()
-    yield client, registry
-    await registry.close()
+async def orchestrator(fake_redis: fakeredis.FakeAsyncRedis) -> AsyncIterator[RelayConnection]:
+    config = GlobalConfig(cancel=CancelConfig(poll_interval=0.1))
+    async with connect(config, redis=fake_redis) as rc:
+        yield rc
 
 
-async def history(client: RelayClient, rid: str) -> list[dict[str, Any]]:
-    entries = await client.redis.xrange(client.keys.request(rid).history)
+async def history(client: RelayConnection, rid: str) -> list[dict[str, Any]]:
+    entries: Any = await client.redis.xrange(client.keys.request(rid).history)
     return [json.loads(fields[b"f"]) for _, fields in entries]
 
 
@@ -49,7 +46,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
         await asyncio.sleep(0.005)
 
 
-async def answer_when_pending(client: RelayClient, rid: str, decision: str) -> None:
+async def answer_when_pending(client: RelayConnection, rid: str, decision: str) -> None:
     """Answer the request's budget pause as soon as it opens."""
     while True:
         try:
@@ -69,8 +66,9 @@ def check_well_formed(frames: list[dict[str, Any]], max_depth: int) -> None:
         if frame["type"] not in WITH_REQUEST_ID:
             del body["request_id"]
         parse_event(body)
-        agent = frame.get("agent_id")
+        agent: str | None = frame.get("agent_id")
         if frame["type"] == "agent_spawned":
+            assert agent is not None
             parent = frame["parent_id"]
             if parent is None:
                 assert frame["depth"] == 0 and not spawned, "exactly one root, spawned first"
@@ -84,13 +82,18 @@ def check_well_formed(frames: list[dict[str, Any]], max_depth: int) -> None:
             if frame["type"] in TERMINAL:
                 ended[agent] = frame["type"]
         if frame["type"] == "agent_text_delta":
-            assert frames[i + 1]["type"] == "budget_update"
+            # Deltas are batched: the batch's budget_update follows its last
+            # event (the batch may end with a memory the agent created).
+            after = next(f for f in frames[i + 1 :] if f["type"] != "agent_text_delta")
+            assert after["type"] in ("budget_update", "memory_created"), after
+            if after["type"] == "memory_created":
+                j = frames.index(after)
+                assert frames[j + 1]["type"] == "budget_update", frames[j + 1]
     assert set(ended) == set(spawned), "every spawned agent ends completed or cancelled"
 
 
 async def run(
-    client: RelayClient,
-    registry: CancelRegistry,
+    client: RelayConnection,
     options: SimOptions,
     decision: str | None = "continue",
 ) -> tuple[SimulationResult, list[dict[str, Any]]]:
@@ -98,7 +101,7 @@ async def run(
     assert rid is not None
     answer = asyncio.create_task(answer_when_pending(client, rid, decision)) if decision else None
     try:
-        result = await simulate(client, registry, options)
+        result = await simulate(client, options)
     finally:
         if answer is not None:
             answer.cancel()
@@ -115,8 +118,8 @@ def options(**kw: Any) -> SimOptions:
 
 
 async def test_a_full_run_publishes_a_well_formed_tree(orchestrator: Any) -> None:
-    client, registry = orchestrator
-    result, frames = await run(client, registry, options())
+    client = orchestrator
+    result, frames = await run(client, options())
     check_well_formed(frames, max_depth=3)
     kinds = [f["type"] for f in frames]
     assert kinds.count("budget_warning") == 1
@@ -129,20 +132,25 @@ async def test_a_full_run_publishes_a_well_formed_tree(orchestrator: Any) -> Non
     updates = [f for f in frames if f["type"] == "budget_update"]
     assert all(isinstance(u["percentage"], float) for u in updates)
     assert updates[-1]["tokens_used"] == result.tokens_used
-    assert len(updates) == kinds.count("agent_text_delta") == 7 * 6
+    assert kinds.count("agent_text_delta") == 7 * 6
+    assert 1 <= len(updates) <= 7 * 6, "one update per batch of deltas"
 
 
 async def test_the_same_seed_and_request_give_the_same_run(
     orchestrator: Any, fake_redis: fakeredis.FakeAsyncRedis
 ) -> None:
-    client, registry = orchestrator
+    client = orchestrator
     opts = options(agents=8, seed=42)
-    _, first = await run(client, registry, opts)
+    _, first = await run(client, opts)
     await fake_redis.flushall()
-    _, second = await run(client, registry, opts)
+    _, second = await run(client, opts)
 
     # Timing, and the shared budget drawn by interleaved agents, may differ.
     varying = {"seq", "ts", "duration_ms", "tokens_used", "percentage"}
+    # How deltas fall into batches depends on timing too, so the batches'
+    # budget updates are left out.
+    first = [f for f in first if f["type"] != "budget_update"]
+    second = [f for f in second if f["type"] != "budget_update"]
 
     def per_agent(frames: list[dict[str, Any]]) -> dict[str, list[tuple[Any, ...]]]:
         # Parallel agents may interleave differently; each agent's own story may not.
@@ -162,14 +170,14 @@ async def test_the_same_seed_and_request_give_the_same_run(
 
 
 async def test_cancelling_an_agent_stops_only_its_subtree(orchestrator: Any) -> None:
-    client, registry = orchestrator
+    client = orchestrator
     opts = options(agents=8, seed=42, delta_interval=0.01, budget=10_000_000)
     plan = build_plan(opts.request_id or "", agents=8, max_depth=3, deltas=6, tokens_per_delta=1,
                       seed=42)  # fmt: skip
     target = next(a for a in plan.walk() if a.depth == 1 and a.batches)
     subtree = {a.agent_id for a in target.walk()}
     child = target.batches[0].agents[0].agent_id
-    task = asyncio.create_task(run(client, registry, opts, decision=None))
+    task = asyncio.create_task(run(client, opts, decision=None))
 
     async def child_spawned() -> bool:
         return any(f.get("agent_id") == child for f in await history(client, opts.request_id or ""))
@@ -187,13 +195,13 @@ async def test_cancelling_an_agent_stops_only_its_subtree(orchestrator: Any) -> 
 
 
 async def test_cancelling_the_request_cancels_every_running_agent(orchestrator: Any) -> None:
-    client, registry = orchestrator
+    client = orchestrator
     opts = options(delta_interval=0.01, budget=10_000_000)
     rid = opts.request_id or ""
-    task = asyncio.create_task(run(client, registry, opts, decision=None))
+    task = asyncio.create_task(run(client, opts, decision=None))
 
     async def streaming() -> bool:
-        return sum(f["type"] == "agent_text_delta" for f in await history(client, rid)) >= 5
+        return sum(f["type"] == "agent_text_delta" for f in await history(client, rid)) >= 5  # type: ignore[no-any-return]
 
     await eventually(streaming)
     await request_cancel(client.redis, client.keys, rid, ttl=60)
@@ -205,17 +213,17 @@ async def test_cancelling_the_request_cancels_every_running_agent(orchestrator: 
 
 
 async def test_a_cancel_written_before_the_run_ends_it_at_once(orchestrator: Any) -> None:
-    client, registry = orchestrator
+    client = orchestrator
     opts = options()
     await request_cancel(client.redis, client.keys, opts.request_id or "", ttl=60)
-    result, frames = await run(client, registry, opts, decision=None)
+    result, frames = await run(client, opts, decision=None)
     assert [f["type"] for f in frames] == ["agent_spawned", "agent_cancelled"]
     assert result.outcome == "cancelled" and result.tokens_used == 0
 
 
 async def test_stop_at_the_warning_stops_gracefully(orchestrator: Any) -> None:
-    client, registry = orchestrator
-    result, frames = await run(client, registry, options(), decision="stop")
+    client = orchestrator
+    result, frames = await run(client, options(), decision="stop")
     check_well_formed(frames, max_depth=3)
     decision = next(f for f in frames if f["type"] == "budget_decision")
     assert (decision["decision"], decision["decided_by"]) == ("stop", "client")
@@ -227,18 +235,18 @@ async def test_stop_at_the_warning_stops_gracefully(orchestrator: Any) -> None:
 
 
 async def test_timeout_applies_the_default_decision(orchestrator: Any) -> None:
-    client, registry = orchestrator
-    result, frames = await run(client, registry, options(decision_timeout=0.2), decision=None)
+    client = orchestrator
+    result, frames = await run(client, options(decision_timeout=0.2), decision=None)
     decision = next(f for f in frames if f["type"] == "budget_decision")
     assert (decision["decision"], decision["decided_by"]) == ("stop", "timeout")
     assert result.outcome == "stopped"
 
 
 async def test_exhaustion_reports_completed_and_incomplete_agents(orchestrator: Any) -> None:
-    client, registry = orchestrator
+    client = orchestrator
     # One delta costs more than the whole budget: straight past 100%, no warning.
     opts = options(budget=10_000, tokens_per_delta=20_000)
-    result, frames = await run(client, registry, opts, decision=None)
+    result, frames = await run(client, opts, decision=None)
     check_well_formed(frames, max_depth=3)
     kinds = [f["type"] for f in frames]
     assert "budget_warning" not in kinds and kinds.count("budget_exhausted") == 1
