@@ -219,6 +219,11 @@ class GatewayConfig(_Section):
     firehose_track_requests: PositiveInt = 4096
     max_subscriptions: PositiveInt = 256
     connect_subscribe_timeout: PositiveFloat = 10.0
+    recent_events_bytes: Annotated[int, Field(ge=0)] = 32 * 1024 * 1024
+    """Bytes of recently delivered events the process keeps to refill lagging
+    clients without reading Redis (0: off; every refill reads history)."""
+    recent_events_per_request: PositiveInt = 4096
+    """At most this many of them per request."""
     socket_send_buffer: Annotated[int, Field(ge=0)] = 64 * 1024
     """SO_SNDBUF of every accepted socket, in bytes (0: the kernel's autotuning).
 

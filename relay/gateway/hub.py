@@ -30,6 +30,7 @@ from relay.config import GlobalConfig
 from relay.gateway.envelope import Envelope, EnvelopeError
 from relay.gateway.metrics import Metrics
 from relay.gateway.pubsub import PubSubLink, SubscribeTimeout
+from relay.gateway.recent import RecentEvents
 from relay.gateway.recovery import Backfills
 from relay.gateway.seqtrack import SeqTable, Step
 from relay.gateway.store import RequestStore
@@ -73,6 +74,7 @@ class TenantHub:
         link: PubSubLink,
         tenant: str,
         log: logging.LoggerAdapter[logging.Logger],
+        recent: RecentEvents | None = None,
     ) -> None:
         self.config = config
         self.redis = redis
@@ -81,8 +83,13 @@ class TenantHub:
         self.tenant = tenant
         self.log = log
         self._once = LogOnce(self.log)
+        self.recent = recent
         self.store = RequestStore(
-            redis, self.keys, config.history.replay_batch, on_skip=self._history_skipped
+            redis,
+            self.keys,
+            config.history.replay_batch,
+            on_skip=self._history_skipped,
+            recent=recent,
         )
         self._by_request: dict[str, set[Subscriber]] = {}
         self._firehose: set[Subscriber] = set()
@@ -338,6 +345,8 @@ class TenantHub:
     def deliver(self, env: Envelope) -> None:
         """Advance the request's track to ``env`` and offer it to every viewer."""
         self._tracks.ensure(env.request_id).advance(env.epoch, env.seq, env.ts)
+        if self.recent is not None:
+            self.recent.add(self.tenant, env)  # lag refills of every viewer read it here
         for sub in self._by_request.get(env.request_id, ()):
             sub.offer(env)
         for sub in self._firehose:
@@ -407,6 +416,9 @@ class Hub:
             probe_channel(config.redis.tenant, self.gateway_id),
             self.log,
         )
+        gw = config.gateway
+        # One for the process, shared by its tenants, so the bound is the process's.
+        self.recent = RecentEvents(gw.recent_events_bytes, gw.recent_events_per_request)
         self._tenants: dict[str, TenantHub] = {}
         self.default = self.tenant(config.redis.tenant)
 
@@ -414,7 +426,9 @@ class Hub:
         """The routing of tenant ``name`` (made on first use; tenants are few, from tokens)."""
         hub = self._tenants.get(name)
         if hub is None:
-            hub = TenantHub(self.config, self.redis, self.metrics, self.link, name, self.log)
+            hub = TenantHub(
+                self.config, self.redis, self.metrics, self.link, name, self.log, self.recent
+            )
             self._tenants[name] = hub
         return hub
 

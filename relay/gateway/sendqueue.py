@@ -11,6 +11,7 @@ Two kinds of items, kept in arrival order by a shared counter:
   connection to be closed with 1013 (try again later);
 * control items (reply frames, subscription starts, stream resets): never
   dropped; a client that floods commands without reading is closed with 1008.
+  Reply frames are sent before queued events (see :meth:`SendQueue.pop`).
 
 Lag records are bounded too (``max_lagged`` requests): a tenant-wide client
 so far behind that events of more requests than that were dropped cannot be
@@ -255,9 +256,19 @@ class SendQueue:
             self.overflow.set()
 
     def pop(self) -> Envelope | Control | None:
-        """The oldest item of either kind, or None when empty."""
+        """The oldest item of either kind, or None when empty.
+
+        A reply frame (a ``pong``, an ``ack``, an ``error``) at the head of the
+        control items goes before older events: behind a full queue of a
+        client that keeps up only just, a pong waited for a thousand events
+        and the client's liveness check failed exactly when the gateway was
+        busiest. Replies carry no seq and every event filter is applied at
+        send time, so nothing a client sees changes but the wait. Subscription
+        starts and stream resets stay in order with the events.
+        """
         events, control = self._events, self._control
-        if events and (not control or events[0][0] < control[0][0]):
+        reply_first = bool(control) and isinstance(control[0][1], str)
+        if events and not reply_first and (not control or events[0][0] < control[0][0]):
             _, env = events.popleft()
             self.nbytes -= env.nbytes
             if not events and not control:

@@ -15,6 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from relay.gateway.envelope import Envelope, frame_ts, history_seq
+from relay.gateway.recent import RecentEvents
 from relay.wire.keys import Keys
 from relay.wire.scripts import as_text
 
@@ -50,10 +51,13 @@ class RequestStore:
         keys: Keys,
         batch: int = 500,
         on_skip: Callable[[str, int, str], None] | None = None,
+        recent: RecentEvents | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.batch = batch
+        self.recent = recent
+        """Events this process delivered lately: ranges it holds are not read from Redis."""
         self.on_skip = on_skip
         """Called with (request_id, seq, why) for a history entry that cannot be parsed."""
 
@@ -93,6 +97,12 @@ class RequestStore:
         Raises :class:`HistoryGap` before yielding anything when history no
         longer holds ``after + 1`` but does hold something later.
         """
+        if self.recent is not None and until is not None:
+            kept = self.recent.range(self.keys.tenant, request_id, epoch, after, until)
+            if kept is not None:
+                for i in range(0, len(kept), self.batch):
+                    yield kept[i : i + self.batch]
+                return
         history = self.keys.request(request_id).history
         start = after + 1
         first = True

@@ -110,6 +110,8 @@ async def test_stalled_client_is_bounded_and_does_not_delay_others(
             "RELAY_GATEWAY_SEND_QUEUE_MAX": "64",
             "RELAY_GATEWAY_SEND_QUEUE_MAX_BYTES": "262144",
             "RELAY_GATEWAY_PING_INTERVAL": "120",
+            # The cache of recent events has a bound of its own (test_shedding).
+            "RELAY_GATEWAY_RECENT_EVENTS_PER_REQUEST": "64",
         }
     )
     history = HistoryConfig(max_events=50_000)
@@ -192,6 +194,9 @@ async def test_overflow_policy_close_closes_with_1013(
             "RELAY_GATEWAY_SEND_QUEUE_MAX": "64",
             "RELAY_GATEWAY_OVERFLOW_POLICY": "close",
             "RELAY_GATEWAY_PING_INTERVAL": "120",
+            # The process's cache of recent events is bounded on its own
+            # (tests/unit/test_shedding.py); kept small so RSS shows the queue.
+            "RELAY_GATEWAY_RECENT_EVENTS_PER_REQUEST": "64",
         }
     )
     history = HistoryConfig(max_events=50_000)

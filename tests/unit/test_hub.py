@@ -234,3 +234,15 @@ async def test_probe_age_is_unknown_before_the_first_probe() -> None:
     assert hub.status()["probe_age_s"] is None
     assert not hub.ready
     await redis.aclose()
+
+
+async def test_delivered_events_are_kept_for_refills(hub: Hub) -> None:
+    rid = str(uuid.uuid4())
+    sub = Recorder()
+    await hub.watch(rid, sub)
+    client = RelayClient(hub.redis, owns_connection=False)
+    for i in range(3):
+        await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": str(i)})
+    await until(lambda: len(sub.got) == 3)
+    kept = hub.recent.range(hub.default.tenant, rid, sub.got[0].epoch, 0, 3)
+    assert kept == sub.got  # the very objects delivered: refills reuse their bytes

@@ -1,0 +1,112 @@
+"""What keeps a saturated gateway cheap to run: refills served from memory,
+replies ahead of queued events (see relay/gateway/recent.py and sendqueue.py)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, cast
+
+import fakeredis
+
+from relay.gateway.envelope import Envelope
+from relay.gateway.metrics import Metrics
+from relay.gateway.recent import RecentEvents
+from relay.gateway.sendqueue import Begin, SendQueue
+from relay.gateway.store import RequestStore
+from relay.orchestrator.client import RelayClient
+from relay.wire.keys import Keys
+
+KEYS = Keys("default")
+AGENT = str(uuid.uuid4())
+
+
+def env(rid: str, seq: int, epoch: str = "e1", size: int = 10) -> Envelope:
+    return Envelope(rid, seq, epoch, "agent_text_delta", "x" * size, nbytes=size)
+
+
+def seqs(events: list[Envelope] | None) -> list[int] | None:
+    return None if events is None else [e.seq for e in events]
+
+
+def test_recent_serves_only_complete_ranges() -> None:
+    recent = RecentEvents(max_bytes=1 << 20, per_request=100)
+    for seq in range(1, 11):
+        recent.add("t", env("r", seq))
+    assert seqs(recent.range("t", "r", "e1", 3, 6)) == [4, 5, 6]
+    assert seqs(recent.range("t", "r", "e1", 0, 10)) == list(range(1, 11))
+    assert recent.range("t", "r", "e1", 5, 11) is None  # not yet seen
+    assert recent.range("t", "r", "e2", 3, 6) is None  # another epoch
+    assert recent.range("other", "r", "e1", 3, 6) is None  # another tenant
+    recent.add("t", env("r", 10))  # a duplicate changes nothing
+    recent.add("t", env("r", 12))  # a hole: what came before cannot serve past it
+    assert recent.range("t", "r", "e1", 3, 6) is None
+    assert seqs(recent.range("t", "r", "e1", 11, 12)) == [12]
+    recent.add("t", env("r", 1, epoch="e2"))  # a new epoch starts over
+    assert seqs(recent.range("t", "r", "e2", 0, 1)) == [1]
+    assert recent.range("t", "r", "e1", 11, 12) is None
+
+
+def test_recent_is_bounded_by_bytes_and_per_request() -> None:
+    recent = RecentEvents(max_bytes=1000, per_request=20)
+    for seq in range(1, 101):
+        recent.add("t", env("a", seq))
+    assert len(recent) == 20 and recent.nbytes == 200
+    assert recent.range("t", "a", "e1", 79, 80) is None  # evicted
+    assert seqs(recent.range("t", "a", "e1", 80, 81)) == [81]
+    for seq in range(1, 101):  # another request, published later, pushes "a" out
+        recent.add("t", env("b", seq, size=50))
+    assert recent.nbytes <= 1000
+    assert recent.range("t", "a", "e1", 99, 100) is None
+    assert seqs(recent.range("t", "b", "e1", 99, 100)) == [100]
+    recent.forget("t", "b")
+    assert recent.nbytes == 0 and len(recent) == 0
+
+
+async def test_a_refill_inside_what_is_kept_reads_no_redis(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    rid = str(uuid.uuid4())
+    client = RelayClient(fake_redis, owns_connection=False)
+    await client.publish_many(
+        rid, [{"type": "agent_text_delta", "agent_id": AGENT, "text": str(i)} for i in range(8)]
+    )
+    epoch = cast(bytes, await fake_redis.get(KEYS.request(rid).epoch)).decode()
+    history = cast(list[Any], await fake_redis.xrange(KEYS.request(rid).history))
+    recent = RecentEvents(max_bytes=1 << 20, per_request=100)
+    for entry_id, fields in history[4:]:  # this process saw seqs 5..8 live
+        seq = int(entry_id.split(b"-")[0])
+        recent.add("default", Envelope.from_history(rid, epoch, seq, fields[b"f"]))
+    store = RequestStore(fake_redis, KEYS, batch=2, recent=recent)
+    reads = 0
+    xrange = fake_redis.xrange
+
+    async def counting_xrange(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await xrange(*args, **kwargs)
+
+    setattr(fake_redis, "xrange", counting_xrange)  # noqa: B010 (a method, replaced)
+    got = [e.seq async for batch in store.replay(rid, epoch, 4, 8) for e in batch]
+    assert got == [5, 6, 7, 8] and reads == 0
+    got = [e.seq async for batch in store.replay(rid, epoch, 2, 8) for e in batch]
+    assert got == [3, 4, 5, 6, 7, 8] and reads > 0  # reaches back further: Redis
+
+
+def test_a_reply_goes_before_queued_events_but_a_subscription_start_does_not() -> None:
+    queue = SendQueue(100, 1 << 20, "drop_oldest", Metrics())
+    for seq in range(1, 4):
+        queue.push_event(env("r", seq))
+    queue.push_control('{"type":"pong"}')
+    assert queue.pop() == '{"type":"pong"}'
+    begin = Begin("s", None, 0, [], None)
+    queue.push_control(begin)
+    queue.push_control('{"type":"pong","command_id":"2"}')
+    order = [queue.pop() for _ in range(5)]
+    assert [getattr(i, "seq", i) for i in order] == [
+        1,
+        2,
+        3,
+        begin,
+        '{"type":"pong","command_id":"2"}',
+    ]
+    assert queue.pop() is None
