@@ -15,7 +15,8 @@ from relay.orchestrator.budget import (
     RequestBudget,
 )
 from relay.orchestrator.cancel import CancelRegistry, CancelToken, request_cancel
-from relay.orchestrator.client import Published, PublishError, RelayClient
+from relay.orchestrator.client import OrchestratorLost, Published, PublishError, RelayClient
+from relay.orchestrator.lease import LeaseKeeper
 from relay.wire.events import AgentEvent, parse_event
 from relay.wire.keys import Keys
 
@@ -28,7 +29,9 @@ __all__ = [
     "ConfigError",
     "GlobalConfig",
     "Keys",
+    "LeaseKeeper",
     "NoPendingDecision",
+    "OrchestratorLost",
     "PauseOutcome",
     "PublishError",
     "Published",
