@@ -9,10 +9,12 @@ import os
 import signal
 import sys
 import time
+import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tests.support import WsClient
+from tests.support import Gateway, WsClient
 
 WORKER = Path(__file__).with_name("lease_worker.py")
 
@@ -122,3 +124,58 @@ async def until_all(viewers: list[WsClient], done: Any, timeout: float, what: st
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}: {seen}")
         await asyncio.sleep(0.005)
     return [t for t in seen if t is not None]
+
+
+def viewer_urls(gateways: list[Gateway], rid: str) -> list[str]:
+    """Two viewers per gateway, resuming from the start of the request."""
+    return [f"{gw.ws_url}?request_id={rid}&after_seq=0" for gw in gateways for _ in range(2)]
+
+
+async def open_viewers(urls: list[str]) -> list[WsClient]:
+    viewers = [WsClient(u) for u in urls]
+    for viewer in viewers:
+        await viewer.__aenter__()
+    return viewers
+
+
+async def kill_and_measure(
+    redis_url: str, gateways: list[Gateway], tmp_path: Path, run: int = 0
+) -> list[float]:
+    """SIGKILL an orchestrator mid-run; seconds until each viewer had every terminal event.
+
+    Checks on the way that every viewer saw each running agent fail exactly once.
+    """
+    rid = str(uuid.uuid4())
+    worker = LeaseWorker(redis_url, rid, 60, tmp_path / f"worker-{run}.log")
+    viewers = await open_viewers(viewer_urls(gateways, rid))
+    try:
+        await worker.start()
+        held = await worker.expect("held")
+        agents = set(held["agents"])
+        # Mid-run: every viewer has the tree and some text.
+        await until_all(
+            viewers,
+            lambda v: sum(f["type"] == "agent_text_delta" for f in v.events(rid)) >= 6,
+            20,
+            "text deltas at every viewer",
+        )
+        killed = time.monotonic()
+        worker.signal(signal.SIGKILL)
+        arrived = await until_all(
+            viewers, lambda v: set(failed_agents(v, rid)) == agents, BOUND + 5, "agent_failed"
+        )
+        # Nothing more arrives: no second copy from the other gateway's reaper.
+        await asyncio.sleep(2 * 0.2 + 0.5)
+        for viewer in viewers:
+            counts = Counter(failed_agents(viewer, rid))
+            assert counts == dict.fromkeys(agents, 1), counts
+            failures = [f for f in viewer.events(rid) if f["type"] == "agent_failed"]
+            assert all("orchestrator lost" in f["error"] for f in failures), failures
+            assert failures[-1]["agent_id"] == held["agents"][0]  # the root last
+            seqs = [f["seq"] for f in viewer.events(rid)]
+            assert seqs == list(range(1, len(seqs) + 1)), seqs  # in order, no hole
+        return [t - killed for t in arrived]
+    finally:
+        await worker.stop()
+        for viewer in viewers:
+            await viewer.close()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,9 +21,12 @@ from tests.integration.lease_support import (
     TTL,
     LeaseWorker,
     failed_agents,
+    kill_and_measure,
+    open_viewers,
     until_all,
+    viewer_urls,
 )
-from tests.support import Gateway, RedisServer, WsClient, metric, start_gateways
+from tests.support import Gateway, RedisServer, metric, start_gateways
 
 StartGateway = Callable[..., Gateway]
 
@@ -38,61 +39,6 @@ def two_gateways(
     gateways.extend(pair)
     start_gateways(pair)
     return pair
-
-
-def viewer_urls(gateways: list[Gateway], rid: str) -> list[str]:
-    """Two viewers per gateway, resuming from the start of the request."""
-    return [f"{gw.ws_url}?request_id={rid}&after_seq=0" for gw in gateways for _ in range(2)]
-
-
-async def open_viewers(urls: list[str]) -> list[WsClient]:
-    viewers = [WsClient(u) for u in urls]
-    for viewer in viewers:
-        await viewer.__aenter__()
-    return viewers
-
-
-async def kill_and_measure(
-    redis_url: str, gateways: list[Gateway], tmp_path: Path, run: int = 0
-) -> list[float]:
-    """SIGKILL an orchestrator mid-run; seconds until each viewer had every terminal event.
-
-    Checks on the way that every viewer saw each running agent fail exactly once.
-    """
-    rid = str(uuid.uuid4())
-    worker = LeaseWorker(redis_url, rid, 60, tmp_path / f"worker-{run}.log")
-    viewers = await open_viewers(viewer_urls(gateways, rid))
-    try:
-        await worker.start()
-        held = await worker.expect("held")
-        agents = set(held["agents"])
-        # Mid-run: every viewer has the tree and some text.
-        await until_all(
-            viewers,
-            lambda v: sum(f["type"] == "agent_text_delta" for f in v.events(rid)) >= 6,
-            20,
-            "text deltas at every viewer",
-        )
-        killed = time.monotonic()
-        worker.signal(signal.SIGKILL)
-        arrived = await until_all(
-            viewers, lambda v: set(failed_agents(v, rid)) == agents, BOUND + 5, "agent_failed"
-        )
-        # Nothing more arrives: no second copy from the other gateway's reaper.
-        await asyncio.sleep(2 * 0.2 + 0.5)
-        for viewer in viewers:
-            counts = Counter(failed_agents(viewer, rid))
-            assert counts == dict.fromkeys(agents, 1), counts
-            failures = [f for f in viewer.events(rid) if f["type"] == "agent_failed"]
-            assert all("orchestrator lost" in f["error"] for f in failures), failures
-            assert failures[-1]["agent_id"] == held["agents"][0]  # the root last
-            seqs = [f["seq"] for f in viewer.events(rid)]
-            assert seqs == list(range(1, len(seqs) + 1)), seqs  # in order, no hole
-        return [t - killed for t in arrived]
-    finally:
-        await worker.stop()
-        for viewer in viewers:
-            await viewer.close()
 
 
 async def test_a_killed_orchestrator_is_finished_at_every_viewer_once_within_the_bound(
