@@ -208,10 +208,25 @@ async def test_two_reapers_racing_for_a_request_publish_once(
                                     [10, 1000])  # fmt: skip
     assert [x.decode() if isinstance(x, bytes) else x for x in due[1:]] == [
         keeper.orchestrator_id, 1]  # fmt: skip
-    won = [await r._finish(client, keeper.orchestrator_id, rid) for r in (first, second)]
-    assert won == [Claim.WON, Claim.NOTHING]
+    # The first gateway claims and is held up just before it publishes; the
+    # second reaches the same request meanwhile: it must not publish too.
+    reached, go = asyncio.Event(), asyncio.Event()
+
+    class HeldUp(RelayClient):
+        async def publish_once(self, *args: Any, **kwargs: Any) -> Any:
+            reached.set()
+            await go.wait()
+            return await super().publish_once(*args, **kwargs)
+
+    held_up = HeldUp(fake_redis, owns_connection=False)
+    winner = asyncio.create_task(first._finish(held_up, keeper.orchestrator_id, rid))
+    await asyncio.wait_for(reached.wait(), 5)
+    meanwhile = await second._finish(client, keeper.orchestrator_id, rid)
+    go.set()
+    claims = [await winner, meanwhile, await second._finish(client, keeper.orchestrator_id, rid)]
     failed = [f for f in await history(fake_redis, rid) if f["type"] == "agent_failed"]
-    assert sorted(f["agent_id"] for f in failed) == sorted([root, a, b])
+    assert sorted(f["agent_id"] for f in failed) == sorted([root, a, b])  # once each
+    assert claims == [Claim.WON, Claim.BUSY, Claim.NOTHING]
     # And concurrently, through whole scans, on a fresh request.
     slow = LeaseConfig(renew_interval=60, ttl_seconds=120)
     other = RelayClient(fake_redis, owns_connection=False, lease=slow)
