@@ -242,8 +242,8 @@ async def test_two_reapers_racing_for_a_request_publish_once(
 async def test_a_claim_left_unfinished_is_taken_over_without_duplicates(
     fake_redis: FakeRedis, orchestrator: RelayClient
 ) -> None:
-    """A gateway that died between claim and publish, and one that died between
-    publish and finish: the next gateway completes the request, publishing once."""
+    """A gateway that died between claim and publish, and one that was only slow:
+    after the takeover time the next gateway completes the request, publishing once."""
     keeper = lease_of(orchestrator)
     client = RelayClient(fake_redis, owns_connection=False)
     lost_keys = [client.keys.leases, client.keys.leases_lost]
@@ -262,7 +262,9 @@ async def test_a_claim_left_unfinished_is_taken_over_without_duplicates(
     failed = [f for f in await history(fake_redis, rid) if f["type"] == "agent_failed"]
     assert sorted(f["agent_id"] for f in failed) == sorted([root, a, b])
 
-    # Died after publishing, before finishing: the takeover finds its events.
+    # Not dead, only slow: its publish lands after the takeover read the state
+    # (all agents still running) and before the takeover publishes. The same
+    # publish id makes the takeover's publish a no-op.
     second = RelayClient(fake_redis, owns_connection=False, lease=LeaseConfig())
     async with second:
         other = lease_of(second)
@@ -270,8 +272,20 @@ async def test_a_claim_left_unfinished_is_taken_over_without_duplicates(
         await expire(fake_redis, other)
         await script("lease_due")(fake_redis, lost_keys, [10, 1000])
         rk2 = client.keys.request(rid2)
-        await script("lease_fence")(fake_redis, [rk2.lease, rk2.state, rk2.pending],
-                                    [other.orchestrator_id, 30_000, "dead-gateway"])  # fmt: skip
+        await fence(fake_redis, [rk2.lease, rk2.state, rk2.pending],
+                    [other.orchestrator_id, 30_000, "slow-gateway"])  # fmt: skip
+        await fake_redis.hset(rk2.lease, "claim_ts", 0)
+        reached, go = asyncio.Event(), asyncio.Event()
+
+        class HeldUp(RelayClient):
+            async def publish_once(self, *args: Any, **kwargs: Any) -> Any:
+                reached.set()
+                await go.wait()
+                return await super().publish_once(*args, **kwargs)
+
+        held_up = HeldUp(fake_redis, owns_connection=False)
+        takeover = asyncio.create_task(gateway._finish(held_up, other.orchestrator_id, rid2))
+        await asyncio.wait_for(reached.wait(), 5)
         await client.publish_once(
             rid2,
             [{"type": "agent_failed", "agent_id": x, "error": "orchestrator lost",
@@ -279,8 +293,8 @@ async def test_a_claim_left_unfinished_is_taken_over_without_duplicates(
             publish_id=f"lease-lost-{other.orchestrator_id}",
             window_seconds=0,
         )  # fmt: skip
-        await fake_redis.hset(rk2.lease, "claim_ts", 0)
-        assert await gateway.reap_once() == 1
+        go.set()
+        assert await takeover is Claim.WON
     failed = [f for f in await history(fake_redis, rid2) if f["type"] == "agent_failed"]
     assert len(failed) == 3, failed
 
