@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from relay.aio import stop_task
 from relay.config import GlobalConfig
@@ -48,6 +48,16 @@ log = logging.getLogger(__name__)
 
 DUE_BATCH = 100
 """Most expired orchestrators handled per tenant and scan (the rest: next scan)."""
+
+
+def _not_permitted(exc: BaseException) -> bool:
+    """An ACL refusal: of a command (NOPERM) or of a command inside a script."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, NoPermissionError) or "can't run this command" in str(seen):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 class Claim(enum.Enum):
@@ -124,7 +134,21 @@ class Reaper:
             except (RedisError, OSError, PublishError) as exc:
                 # Redis away or refusing: the next scan tries again; the
                 # leases stay in Redis, so nothing is forgotten meanwhile.
-                self._log_once(type(exc).__name__, "lease reaper: %s", exc)
+                if _not_permitted(exc):
+                    self._log_once(
+                        "noperm",
+                        "lease reaper: Redis refused a command (%s): give the reaper a user "
+                        "of the reaper role (lease.reaper_redis_url, deploy/redis-acl/) or "
+                        "set lease.reaper = false on this gateway",
+                        exc,
+                    )
+                else:
+                    self._log_once(type(exc).__name__, "lease reaper: %s", exc)
+            except Exception as exc:
+                # A bug must not end liveness for the gateway's whole life:
+                # logged once per kind, retried next scan (CancelledError is
+                # not an Exception: it ends the loop).
+                self._log_once(f"bug:{type(exc).__name__}", "lease reaper failed", exc=exc)
             await asyncio.sleep(self.config.lease.reap_interval)
 
     async def reap_once(self) -> int:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import pytest
+from redis.exceptions import ResponseError
 
 from relay.config import ConfigError, GlobalConfig, LeaseConfig, load_config
 from relay.gateway.metrics import Metrics
@@ -420,3 +421,27 @@ async def test_an_answer_racing_the_reaper_is_what_the_decision_says(
     await answer_budget(fake_redis, Keys(TENANT), rid, "continue", pause_id)
     (decision,) = await gateway._close_pause(client, rid, pending)
     assert (decision.decision, decision.decided_by) == ("continue", "client")
+
+
+async def test_a_reaper_without_permissions_says_what_to_configure(
+    fake_redis: FakeRedis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Running as a gateway's ACL user, Redis refuses the reaper's scripts: the log
+    names the fix, once, and the reaper keeps its task (and its gateway) alive."""
+    gateway = reaper(fake_redis, reap_interval=0.01)
+    calls: list[int] = []
+
+    async def refused() -> int:
+        calls.append(1)
+        raise ResponseError(
+            "The user executing the script can't run this command or subcommand script: x"
+        )
+
+    monkeypatch.setattr(gateway, "reap_once", refused)
+    await gateway.start()
+    try:
+        await eventually(lambda: len(calls) >= 3, 10, "three scans")
+    finally:
+        await gateway.close()
+    hints = [r for r in caplog.records if "lease.reaper_redis_url" in r.getMessage()]
+    assert len(hints) == 1, [r.getMessage() for r in caplog.records]
