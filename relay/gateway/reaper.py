@@ -25,6 +25,7 @@ id, so the events are never written twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 DUE_BATCH = 100
 """Most expired orchestrators handled per tenant and scan (the rest: next scan)."""
+FINISH_CONCURRENCY = 16
+"""Requests of one lost orchestrator finished at once."""
 
 
 def _not_permitted(exc: BaseException) -> bool:
@@ -183,12 +186,27 @@ class Reaper:
         members_key = keys.orchestrator_requests(orchestrator)
         members = sorted(as_text(m) for m in await self.redis.smembers(members_key))
         finished = 0
-        for rid in members:
-            outcome = await self._finish(client, orchestrator, rid)
-            if outcome is Claim.BUSY:
-                continue  # another gateway is on it: look again next scan
-            finished += outcome is Claim.WON
-            await self.redis.srem(members_key, rid)
+        # A few requests at a time: an orchestrator with many requests ends
+        # them all within the bound, without a burst of unbounded tasks.
+        for start in range(0, len(members), FINISH_CONCURRENCY):
+            batch = members[start : start + FINISH_CONCURRENCY]
+            results = await asyncio.gather(
+                *(self._finish(client, orchestrator, rid) for rid in batch),
+                return_exceptions=True,  # every one finishes before this returns
+            )
+            errors = [r for r in results if isinstance(r, BaseException)]
+            finished += sum(r is Claim.WON for r in results)
+            # BUSY (another gateway is on it) and failed ones stay in the set,
+            # to be looked at again next scan.
+            done = [
+                rid
+                for rid, r in zip(batch, results, strict=True)
+                if r in (Claim.WON, Claim.NOTHING)
+            ]
+            if done:
+                await self.redis.srem(members_key, *done)
+            if errors:
+                raise errors[0]
         if await self.redis.scard(members_key) == 0:
             # Only now is the orchestrator out of the index: a gateway that
             # stopped half way left it there for the next scan to continue.
@@ -214,6 +232,21 @@ class Reaper:
         )
         if int(claim[0]) != 1:
             return Claim.BUSY if int(claim[0]) == 2 else Claim.NOTHING
+        try:
+            await self._end(client, rid, claim)
+        except Exception:
+            # Give the claim up at once rather than after takeover_seconds:
+            # the next scan (here or elsewhere) retakes it, and publishes with
+            # the same publish id, so events that did land are not repeated.
+            with contextlib.suppress(RedisError):
+                await self.redis.hset(rk.lease, "claim_ts", 0)
+            raise
+        return Claim.WON
+
+    async def _end(self, client: RelayClient, rid: str, claim: list[Any]) -> None:
+        """Publish the end of a claimed request (``claim``: the reply of lease_fence.lua)."""
+        lease = self.config.lease
+        rk = client.keys.request(rid)
         retry = bool(int(claim[1]))
         lost_orchestrator = as_text(claim[2])
         pending = as_text(claim[4])
@@ -259,7 +292,6 @@ class Reaper:
             len(agents),
             extra={"request_id": rid, "orchestrator_id": lost_orchestrator},
         )
-        return Claim.WON
 
     async def _close_pause(
         self, client: RelayClient, rid: str, pending: str

@@ -445,3 +445,39 @@ async def test_a_reaper_without_permissions_says_what_to_configure(
         await gateway.close()
     hints = [r for r in caplog.records if "lease.reaper_redis_url" in r.getMessage()]
     assert len(hints) == 1, [r.getMessage() for r in caplog.records]
+
+
+async def test_every_request_of_a_lost_orchestrator_is_finished_in_one_scan(
+    fake_redis: FakeRedis, orchestrator: RelayClient
+) -> None:
+    trees = [await tree(orchestrator) for _ in range(40)]
+    await expire(fake_redis, lease_of(orchestrator))
+    assert await reaper(fake_redis).reap_once() == 40
+    for rid, *agents in trees:
+        failed = [
+            f["agent_id"] for f in await history(fake_redis, rid) if f["type"] == "agent_failed"
+        ]
+        assert sorted(failed) == sorted(agents)
+
+
+async def test_a_publish_that_fails_gives_the_claim_up_for_the_next_scan(
+    fake_redis: FakeRedis, orchestrator: RelayClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis refused the terminal events (say, out of memory): the next scan retries
+    at once instead of waiting for the takeover time."""
+    rid, *agents = await tree(orchestrator)
+    await expire(fake_redis, lease_of(orchestrator))
+    gateway = reaper(fake_redis)
+    client = gateway._clients[TENANT]
+    real = client.publish_once
+
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        raise PublishError("publish refused by Redis: OOM")
+
+    monkeypatch.setattr(client, "publish_once", refused)
+    with pytest.raises(PublishError, match="OOM"):
+        await gateway.reap_once()
+    monkeypatch.setattr(client, "publish_once", real)
+    assert await gateway.reap_once() == 1
+    failed = [f["agent_id"] for f in await history(fake_redis, rid) if f["type"] == "agent_failed"]
+    assert sorted(failed) == sorted(agents)
