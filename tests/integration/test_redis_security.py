@@ -783,6 +783,34 @@ def test_setuser_form_matches_the_acl_file_form(secure: Secure, redis_server: Re
     assert parts(from_setuser[0]) == parts(from_file[0])
 
 
+def test_setuser_form_of_the_reaper_role_loads(redis_server: RedisServer) -> None:
+    """The reaper role has no selector: its ``--setuser`` line is accepted as it is."""
+    out = subprocess.run(
+        ["bash", str(ACL_SCRIPT), "--setuser", "reaper", "relay-reap-acme", "acme"],
+        env={**os.environ, "RELAY_ACL_PASSWORD": "x"},
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    loaded = subprocess.run(
+        ["redis-cli", "-p", str(redis_server.port)],
+        input=out.stdout,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "OK", loaded
+    (rule,) = [
+        line
+        for line in redis_server.command("ACL", "LIST").decode().splitlines()
+        if line.startswith("user relay-reap-acme ")
+    ]
+    assert "~relay:acme:leases:*" in rule and "&relay:acme:events" in rule, rule
+    assert "+subscribe" not in rule and "cancel" not in rule, rule
+
+
 @pytest.mark.parametrize(
     ("args", "password", "message"),
     [
