@@ -240,7 +240,7 @@ async def test_two_reapers_racing_for_a_request_publish_once(
     assert sorted(f["agent_id"] for f in failed) == sorted(agents)
 
 
-async def test_a_claim_left_unfinished_is_taken_over_without_duplicates(
+async def test_a_claim_left_unfinished_is_taken_over_publishing_once(
     fake_redis: FakeRedis, orchestrator: RelayClient
 ) -> None:
     """A gateway that died between claim and publish, and one that was only slow:
