@@ -34,8 +34,9 @@ from relay.orchestrator.budget import (
     RequestBudget,
 )
 from relay.orchestrator.cancel import CancelRegistry, CancelToken, request_cancel
-from relay.orchestrator.client import Published, PublishError, RelayClient
+from relay.orchestrator.client import OrchestratorLost, Published, PublishError, RelayClient
 from relay.orchestrator.connect import LeaseHook, RelayConnection, connect
+from relay.orchestrator.lease import LeaseKeeper
 from relay.orchestrator.request import Request
 from relay.wire.answers import Decision, NoPendingDecision, answer_budget
 from relay.wire.events import (
@@ -99,8 +100,10 @@ __all__ = [
     "HistoryConfig",
     "Keys",
     "LeaseHook",
+    "LeaseKeeper",
     "MemoryCreated",
     "NoPendingDecision",
+    "OrchestratorLost",
     "PauseOutcome",
     "ProviderFailover",
     "PublishError",

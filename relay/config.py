@@ -367,6 +367,50 @@ class AuthConfig(_Section):
         return value
 
 
+class LeaseConfig(_Section):
+    """``[lease]``: orchestrator liveness (relay/orchestrator/lease.py, relay/gateway/reaper.py).
+
+    An orchestrator renews one lease every ``renew_interval`` for all of its
+    requests; a lease not renewed for ``ttl_seconds`` (Redis clock) is
+    expired, and a gateway's reaper, scanning every ``reap_interval``,
+    declares the orchestrator lost and finishes its requests. The bound from
+    the last renewal to the terminal events is about ``ttl_seconds +
+    reap_interval`` plus one publish.
+    """
+
+    renew_interval: PositiveFloat = 1.0
+    ttl_seconds: PositiveFloat = 5.0
+    reaper: bool = True
+    """Whether this gateway runs a reaper (any number may; exactly one finishes a request)."""
+    reap_interval: PositiveFloat = 0.5
+    reaper_redis_url: str = ""
+    """The reaper's Redis URL (an ACL user of the ``reaper`` role, deploy/redis-acl/);
+    empty: ``redis.url``. The other ``[redis]`` settings (TLS, timeouts) apply."""
+    takeover_seconds: PositiveFloat = 30.0
+    """A lost request a gateway claimed but did not finish for this long (the gateway
+    died half way) is finished by another one."""
+    lost_keep_seconds: PositiveInt = 24 * 3600
+    """How long an orchestrator declared lost stays refused (its lease renewals)."""
+
+    @field_validator("reaper_redis_url")
+    @classmethod
+    def _reaper_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _margin(self) -> LeaseConfig:
+        # A lease must survive a late renewal or two (a busy event loop, one
+        # slow round trip), or live orchestrators would be declared lost.
+        if self.ttl_seconds < 2 * self.renew_interval:
+            raise ValueError(
+                f"lease.ttl_seconds ({self.ttl_seconds:g}) must be at least twice "
+                f"lease.renew_interval ({self.renew_interval:g})"
+            )
+        return self
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -437,6 +481,7 @@ class GlobalConfig(_Section):
     log: LogConfig = LogConfig()
     limits: LimitsConfig = LimitsConfig()
     sdk: SdkConfig = SdkConfig()
+    lease: LeaseConfig = LeaseConfig()
 
     @model_validator(mode="before")
     @classmethod

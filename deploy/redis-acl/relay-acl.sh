@@ -4,6 +4,7 @@
 #
 #   RELAY_ACL_PASSWORD=... relay-acl.sh gateway      USER TENANT [TENANT...]
 #   RELAY_ACL_PASSWORD=... relay-acl.sh orchestrator USER TENANT [TENANT...]
+#   RELAY_ACL_PASSWORD=... relay-acl.sh reaper       USER TENANT [TENANT...]
 #   add --setuser before the role for an "ACL SETUSER" command (pipe it to
 #   redis-cli) instead of a line for an ACL file (aclfile in redis.conf).
 #
@@ -18,16 +19,21 @@
 #                 epoch; subscribe to its tenants' channels; publish only
 #                 cancel nudges and its own probes. It cannot add events,
 #                 bump a seq or change a request's state.
-#   orchestrator  read and write its tenants' request keys and activity
-#                 index, read cancel tombstones, publish events (inside the
-#                 publish script) and subscribe only to the cancel channel.
+#   orchestrator  read and write its tenants' request keys, activity index
+#                 and leases, read cancel tombstones, publish events (inside
+#                 the publish script) and subscribe only to the cancel channel.
+#   reaper        the gateways' lease reaper (lease.reaper_redis_url): declare
+#                 orchestrators lost, claim their requests and publish their
+#                 terminal events (the publish script). It reads and writes
+#                 request keys, the activity index and the leases; it cannot
+#                 subscribe, cancel, or touch anything else.
 # Neither can run EVAL with its own source, KEYS, SCAN, FLUSH*, CONFIG,
 # DEBUG, ACL, MONITOR or anything else not listed here; a script loaded with
 # SCRIPT LOAD runs with the caller's permissions, so it cannot widen them.
 set -euo pipefail
 
 usage() {
-  echo "usage: RELAY_ACL_PASSWORD=... $0 [--setuser] gateway|orchestrator USER TENANT [TENANT...]" >&2
+  echo "usage: RELAY_ACL_PASSWORD=... $0 [--setuser] gateway|orchestrator|reaper USER TENANT [TENANT...]" >&2
   exit 2
 }
 
@@ -83,22 +89,41 @@ case "$role" in
     selector="(+publish$pubs)"
     ;;
   orchestrator)
-    # publish.lua: TIME GET SET EXISTS DEL HGET HSET XREVRANGE INCR XADD
-    # PUBLISH EXPIRE; budget_add/open/timeout.lua: HINCRBY HSETNX RPUSH;
+    # publish.lua: TIME GET SET EXISTS DEL HGET HMGET HSET XREVRANGE INCR
+    # XADD PUBLISH EXPIRE; budget_add/open/timeout.lua: HINCRBY HSETNX RPUSH;
     # the publish pipeline: ZADD EXPIRE ZREMRANGEBYSCORE; budget waits: BLPOP
-    # HGET GET; cancel checks: GET.
-    cmds="$common +evalsha +script|load +time +get +set +exists +del +hget +hset +hsetnx"
-    cmds+=" +hincrby +incr +xadd +xrevrange +expire +rpush +blpop +publish"
-    cmds+=" +zadd +zremrangebyscore"
+    # HGET GET; cancel checks: GET; the lease (lease_renew.lua, lease_request.lua
+    # and its pipelines): ZSCORE ZADD HMGET HDEL SADD SREM EXPIRE, ZREM on close.
+    cmds="$common +evalsha +script|load +time +get +set +exists +del +hget +hmget +hset"
+    cmds+=" +hsetnx +hdel +hincrby +incr +xadd +xrevrange +expire +rpush +blpop +publish"
+    cmds+=" +zadd +zremrangebyscore +zscore +zrem +sadd +srem"
     keys="" chans="" subs=""
     for t in "$@"; do
       keys+=" %R~relay:$t:* %RW~relay:$t:req:* %RW~relay:$t:active"
+      keys+=" %RW~relay:$t:leases:* %RW~relay:$t:orch:*"
       chans+=" &relay:$t:req:* &relay:$t:events"
       subs+=" &relay:$t:cancels"
     done
     # SUBSCRIBE only in a selector, with only the cancel channel: an
     # orchestrator publishes events but cannot listen to other requests.
     selector="(+subscribe +unsubscribe$subs)"
+    ;;
+  reaper)
+    # lease_due.lua: TIME ZRANGEBYSCORE ZSCORE ZADD ZREMRANGEBYSCORE; an
+    # orchestrator's requests: SMEMBERS SREM SCARD, then ZREM DEL;
+    # lease_fence.lua: HGET HMGET HSET GET HGETALL; budget_timeout.lua: DEL
+    # RPUSH EXPIRE; publish.lua and its pipeline (as for an orchestrator);
+    # lease_finish.lua: TTL.
+    cmds="$common +evalsha +script|load +time +get +set +exists +del +hget +hmget +hset"
+    cmds+=" +hgetall +incr +xadd +xrevrange +expire +ttl +rpush +publish"
+    cmds+=" +zadd +zrangebyscore +zremrangebyscore +zscore +zrem +smembers +srem +scard"
+    keys="" chans=""
+    for t in "$@"; do
+      keys+=" %RW~relay:$t:req:* %RW~relay:$t:active %RW~relay:$t:leases:* %RW~relay:$t:orch:*"
+      chans+=" &relay:$t:req:* &relay:$t:events"
+    done
+    # No selector: PUBLISH (inside the publish script) is its only channel use.
+    selector=""
     ;;
   *)
     usage
@@ -107,7 +132,11 @@ esac
 
 rules="on #$hash sanitize-payload resetkeys resetchannels -@all $cmds$keys$chans"
 if [[ $setuser -eq 1 ]]; then
-  echo "ACL SETUSER $user reset $rules \"$selector\""
+  if [[ -n "$selector" ]]; then
+    echo "ACL SETUSER $user reset $rules \"$selector\""
+  else
+    echo "ACL SETUSER $user reset $rules"
+  fi
 else
-  echo "user $user $rules $selector"
+  echo "user $user $rules${selector:+ $selector}"
 fi

@@ -41,6 +41,7 @@ from relay.gateway.guard import HttpRefusal, OriginGuard, require_json, rest_pri
 from relay.gateway.hub import Hub
 from relay.gateway.limits import HTTP_STATUS, Limits, read_body, subject_key
 from relay.gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from relay.gateway.reaper import Reaper
 from relay.gateway.sendqueue import SendTurns
 from relay.gateway.static import console_routes
 from relay.wire.commands import CommandError, load_object
@@ -75,6 +76,19 @@ def _redis_clients(config: GlobalConfig) -> tuple[Redis, Redis, Redis]:
         redisconn.control_client(config),
         redisconn.pubsub_client(config),
     )
+
+
+def _reaper(
+    config: GlobalConfig, commands: Redis, metrics: Metrics, gateway_id: str
+) -> Reaper | None:
+    """The lease reaper (``lease.reaper``), on its own Redis user when one is configured."""
+    if not config.lease.reaper:
+        return None
+    url = config.lease.reaper_redis_url
+    if not url:
+        return Reaper(config, commands, metrics, gateway_id=gateway_id)
+    own = redisconn.client(config.redis.model_copy(update={"url": url}))
+    return Reaper(config, own, metrics, owns_redis=True, gateway_id=gateway_id)
 
 
 def services(scope_holder: Request | WebSocket) -> Services:
@@ -235,9 +249,14 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
             Limits.of(cfg),
         )
         await hub.start()
+        reaper = _reaper(cfg, commands, registry, hub.gateway_id)
+        if reaper is not None:
+            await reaper.start()
         try:
             yield
         finally:
+            if reaper is not None:
+                await reaper.close()
             await hub.close()
             await commands.aclose()
             await control.aclose()

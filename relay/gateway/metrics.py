@@ -70,6 +70,16 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.requests_lost = Counter(
+            "relay_requests_lost",
+            "Requests this gateway finished because their orchestrator's lease expired",
+            registry=r,
+        )
+        self.orchestrators_lost = Counter(
+            "relay_orchestrators_lost",
+            "Orchestrators this gateway declared lost (lease not renewed in time)",
+            registry=r,
+        )
         self.latency = Histogram(
             "relay_publish_to_send_seconds",
             "Time from the publish (Redis server clock) to the frame being written to a "

@@ -1,1 +1,1 @@
-"""The orchestrator side: publishing, cancellation and budgets."""
+"""The orchestrator side: publishing, cancellation, budgets and the liveness lease."""

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,10 +27,13 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import redisconn
-from relay.config import GlobalConfig, HistoryConfig, RedisConfig
+from relay.config import GlobalConfig, HistoryConfig, LeaseConfig, RedisConfig
 from relay.wire.events import AgentEvent, AgentTextDelta, event_request_id, parse_event
 from relay.wire.keys import Keys
 from relay.wire.scripts import as_text, is_noscript, script
+
+if TYPE_CHECKING:
+    from relay.orchestrator.lease import LeaseKeeper
 
 RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 RETRY_MARGIN_SECONDS = 60
@@ -48,6 +51,28 @@ class PublishError(Exception):
     ... except PublishError as exc:
     ...     log.error("event not published: %s", exc)
     """
+
+
+class OrchestratorLost(PublishError):
+    """This orchestrator (or the request) was declared lost: its lease expired and a
+    gateway finished its requests for every viewer. Raised by a publish, a lease
+    renewal or a hold instead of resurrecting a request everybody saw end; the
+    message is the Redis refusal ("relay: orchestrator lost: ...").
+
+    >>> try:
+    ...     await agent.text(chunk)
+    ... except relay.OrchestratorLost:
+    ...     return  # viewers already saw this request end; do not retry it
+    """
+
+
+LOST_REFUSAL = "relay: orchestrator lost:"
+"""How the lease and publish scripts' refusal of a lost orchestrator begins."""
+
+
+def is_lost_refusal(exc: BaseException) -> bool:
+    """True when a Redis error is the scripts' "orchestrator lost" refusal."""
+    return isinstance(exc, ResponseError) and LOST_REFUSAL in str(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +117,16 @@ class RelayClient:
 
     >>> async with RelayClient.from_url("redis://localhost") as client:
     ...     seq = await client.publish(request_id, {"type": "synthesis_started", ...})
+
+    With ``lease=`` (a :class:`~relay.config.LeaseConfig`, or a
+    :class:`~relay.orchestrator.lease.LeaseKeeper` built by the caller) the client
+    owns the orchestrator's lease: ``client.lease.hold(rid)`` while a request
+    runs, renewed in the background, and every publish is refused with
+    :class:`OrchestratorLost` once a gateway declared this orchestrator lost:
+
+    >>> async with RelayClient.from_config(config, lease=True) as client:
+    ...     await client.lease.hold(request_id)
+    ...     await client.publish(request_id, event)
     """
 
     def __init__(
@@ -102,6 +137,7 @@ class RelayClient:
         history: HistoryConfig | None = None,
         publish_retry_seconds: float = 10.0,
         owns_connection: bool = True,
+        lease: LeaseConfig | LeaseKeeper | None = None,
     ) -> None:
         self.redis = redis
         self.keys = Keys(tenant)
@@ -110,6 +146,21 @@ class RelayClient:
         self._owns = owns_connection
         self._script = script("publish")
         self._publishes = 0
+        self._owns_lease = isinstance(lease, LeaseConfig)
+        self.lease: LeaseKeeper | None = None
+        """The orchestrator's lease, when the client was given one."""
+        if isinstance(lease, LeaseConfig):
+            from relay.orchestrator.lease import LeaseKeeper  # lease.py imports this module
+
+            self.lease = LeaseKeeper(
+                redis, self.keys, lease, state_ttl_seconds=self.history.state_ttl_seconds
+            )
+        elif lease is not None:
+            if lease.keys != self.keys:
+                raise ValueError(
+                    f"lease: its tenant {lease.keys.tenant!r} is not the client's {tenant!r}"
+                )
+            self.lease = lease
 
     @classmethod
     def from_url(
@@ -135,23 +186,38 @@ class RelayClient:
 
     @classmethod
     def from_config(
-        cls, config: RedisConfig | GlobalConfig, *, history: HistoryConfig | None = None
+        cls,
+        config: RedisConfig | GlobalConfig,
+        *,
+        history: HistoryConfig | None = None,
+        lease: bool | LeaseConfig = False,
     ) -> Self:
         """A client with its own connection pool, built from ``[redis]``.
 
         The URL (with its ACL user), TLS files and ``tls_verify``,
         ``socket_timeout``, ``max_connections``, ``pool_timeout``, ``tenant`` and
         ``publish_retry_seconds`` all apply. Given a :class:`GlobalConfig`, its
-        ``[history]`` is used unless ``history`` is passed.
+        ``[history]`` is used unless ``history`` is passed. ``lease=True`` gives
+        the client a lease with the ``[lease]`` settings of a
+        :class:`GlobalConfig` (defaults otherwise); a :class:`LeaseConfig` is used
+        as it is.
+
+        >>> client = RelayClient.from_config(load_config(), lease=True)
         """
         rc = redisconn.redis_config(config)
         if history is None and isinstance(config, GlobalConfig):
             history = config.history
+        chosen: LeaseConfig | None = None
+        if isinstance(lease, LeaseConfig):
+            chosen = lease
+        elif lease:
+            chosen = config.lease if isinstance(config, GlobalConfig) else LeaseConfig()
         return cls(
             redisconn.client(rc),
             tenant=rc.tenant,
             history=history,
             publish_retry_seconds=rc.publish_retry_seconds,
+            lease=chosen,
         )
 
     @property
@@ -159,6 +225,12 @@ class RelayClient:
         return self.keys.tenant
 
     async def __aenter__(self) -> Self:
+        if self.lease is not None and self._owns_lease:
+            try:
+                await self.lease.start()
+            except BaseException:
+                await self.aclose()
+                raise
         return self
 
     async def __aexit__(
@@ -170,7 +242,10 @@ class RelayClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool if this client created it."""
+        """Close the lease (releasing what it holds) and the connection pool, if this
+        client created them."""
+        if self.lease is not None and self._owns_lease:
+            await self.lease.close()
         if self._owns:
             await self.redis.aclose()
 
@@ -199,9 +274,49 @@ class RelayClient:
             encoded.extend(encode_event(rid, event))
         return await self._publish_encoded(rid, encoded)
 
-    async def _publish_encoded(self, rid: str, encoded: list[str]) -> Published:
+    async def publish_once(
+        self,
+        request_id: str | uuid.UUID,
+        events: Sequence[AgentEvent | dict[str, Any]],
+        *,
+        publish_id: str,
+        window_seconds: float,
+    ) -> Published:
+        """Like :meth:`publish_many`, but a no-op returning the earlier result when a call
+        with the same ``publish_id`` landed in the request's history within the last
+        ``window_seconds`` (Redis clock): several callers racing to publish the same
+        thing publish it once. ``window_seconds=0`` looks for nothing (a first
+        attempt) but still records ``publish_id`` for later calls to find.
+
+        >>> await client.publish_once(rid, events, publish_id="lost-" + orch, window_seconds=120)
+        """
+        if not events:
+            raise ValueError("events: at least one event is required")
+        if not publish_id:
+            raise ValueError("publish_id: must not be empty")
+        if window_seconds < 0:
+            raise ValueError("window_seconds: must be >= 0")
+        rid = normalize_request_id(request_id)
+        encoded: list[str] = []
+        for event in events:
+            encoded.extend(encode_event(rid, event))
+        return await self._publish_encoded(
+            rid, encoded, publish_id=publish_id, window_ms=int(window_seconds * 1000)
+        )
+
+    async def _publish_encoded(
+        self, rid: str, encoded: list[str], *, publish_id: str | None = None, window_ms: int = 0
+    ) -> Published:
         rk = self.keys.request(rid)
-        publish_id = uuid.uuid4().hex
+        keys = rk.script_keys
+        if self.lease is not None:
+            # Refused here once this process knows it was declared lost, and
+            # by the script (the lease key) when it does not know yet: a
+            # process that was frozen past its deadline publishes before its
+            # next renewal tells it.
+            self.lease.check()
+            keys = [*keys, rk.lease]
+        publish_id = publish_id or uuid.uuid4().hex
         deadline = time.monotonic() + self.publish_retry_seconds
         delay = 0.05
         attempt = 0
@@ -217,14 +332,22 @@ class RelayClient:
                 publish_id,
                 # On a retry: how far back (ms, Redis clock) the first attempt
                 # can have landed, with room for socket timeouts and skew.
-                str(int((self.publish_retry_seconds + RETRY_MARGIN_SECONDS) * 1000))
+                str(max(window_ms, int((self.publish_retry_seconds + RETRY_MARGIN_SECONDS) * 1000)))
                 if attempt
-                else "0",
+                else str(window_ms),
                 *encoded,
             ]
             try:
-                return await self._run(rid, rk.script_keys, args)
+                return await self._run(rid, keys, args)
             except ResponseError as exc:
+                if is_lost_refusal(exc):
+                    message = f"publish to request {rid} refused by Redis: {exc}"
+                    lease = self.lease
+                    if lease is not None and lease.orchestrator_id in str(exc):
+                        # This very orchestrator was declared lost (not another
+                        # holder of the request): stop renewing, refuse locally.
+                        lease.mark_lost(str(exc))
+                    raise OrchestratorLost(message) from exc
                 # The script refused the call ("relay: event N: ...", nothing
                 # written; events are validated here first, so this means a
                 # bug or a script newer than this client) or the server did

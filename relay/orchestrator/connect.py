@@ -99,11 +99,13 @@ class RelayConnection:
     ...     await rc.answer_budget(request_id, "continue")  # a pending pause
     """
 
-    def __init__(self, config: GlobalConfig, *, redis: Redis | None = None) -> None:
+    def __init__(
+        self, config: GlobalConfig, *, redis: Redis | None = None, lease: bool = True
+    ) -> None:
         self.config = config
         """The settings in force (after ``tenant=``)."""
         if redis is None:
-            self.client = RelayClient.from_config(config)
+            self.client = RelayClient.from_config(config, lease=lease)
         else:
             self.client = RelayClient(
                 redis,
@@ -111,14 +113,16 @@ class RelayConnection:
                 history=config.history,
                 publish_retry_seconds=config.redis.publish_retry_seconds,
                 owns_connection=False,
+                lease=config.lease if lease else None,
             )
         """The lower-level publisher (``publish``, ``publish_many``)."""
         self.cancels = CancelRegistry(
             self.client.redis, self.client.keys, poll_interval=config.cancel.poll_interval
         )
         """The process's cancel registry (started by the first request)."""
-        self.lease: LeaseHook | None = None
-        """Told of every request this process runs (orchestrator liveness); None: no lease."""
+        self.lease: LeaseHook | None = self.client.lease
+        """Told of every request this process runs (orchestrator liveness, ``[lease]``:
+        a :class:`relay.LeaseKeeper`, renewed in the background); None: no lease."""
         self._listening_lock = asyncio.Lock()
         self._listening_started = False
         self._requests: set[Request] = set()
@@ -217,6 +221,7 @@ def connect(
     *,
     tenant: str | None = None,
     redis: Redis | None = None,
+    lease: bool = True,
 ) -> RelayConnection:
     """Connect an orchestrator to relay; use it as ``async with``.
 
@@ -224,8 +229,10 @@ def connect(
     ``[redis]`` section, a Redis URL, or None to load the configuration from
     ``RELAY_CONFIG`` and ``RELAY_*``. ``tenant`` overrides ``redis.tenant``.
     ``redis`` shares an existing client instead (not closed on exit).
+    ``lease`` (default True): the process holds a liveness lease on every
+    request it runs, so that gateways finish them for every viewer if it dies.
 
     >>> async with relay.connect(relay.load_config(), tenant="acme") as rc:
     ...     async with rc.request(budget=200_000) as req: ...
     """
-    return RelayConnection(resolve_config(config, tenant=tenant), redis=redis)
+    return RelayConnection(resolve_config(config, tenant=tenant), redis=redis, lease=lease)

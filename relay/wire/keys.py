@@ -10,6 +10,10 @@ Layout (``T`` is the tenant, ``R`` a request id, ``X`` an agent or request id)::
     relay:T:req:{R}:pending      string  the pending budget pause (JSON), if any
     relay:T:req:{R}:decision     list    wake-ups of pause waiters (pause ids)
     relay:T:req:{R}:decided      hash    pause_id -> "client:<decision>" / "timeout:<decision>"
+    relay:T:req:{R}:lease        hash    o:<O> -> "held"/"lost"; lost, lost_ts once declared lost
+    relay:T:orch:{O}:requests    set     request ids orchestrator O holds
+    relay:T:leases:{T}           zset    orchestrator id -> lease deadline (ms, Redis clock)
+    relay:T:leases:{T}:lost      zset    orchestrator id -> when it was declared lost (ms)
     relay:T:cancel:{X}           string  cancel tombstone for agent or request X
     relay:T:active               zset    request ids by last publish time (ms)
 
@@ -22,6 +26,8 @@ The part in braces is a Redis Cluster hash tag: every key of one request lands
 in the same slot, so the Lua scripts that touch them all stay single-slot. A
 cancel tombstone for a request id shares that slot too. ``active`` is a
 tenant-wide index and is written in the same pipeline, never inside a script.
+The two lease indexes share the tag ``{T}``, so the script that renews a lease
+and the one that declares it lost run in one slot and cannot interleave.
 
 Everything, the gateways' probe channels included, is under ``relay:T:``, so
 one ACL rule (``~relay:T:* &relay:T:*``) confines a Redis user to one tenant
@@ -60,6 +66,8 @@ class RequestKeys:
     decision: str
     decided: str
     channel: str
+    lease: str
+    """Which orchestrators hold the request, and whether it was declared lost."""
 
     @property
     def script_keys(self) -> list[str]:
@@ -97,6 +105,7 @@ class Keys:
             decision=f"{tag}:decision",
             decided=f"{tag}:decided",
             channel=f"{tag}:events",
+            lease=f"{tag}:lease",
         )
 
     def request_channel(self, request_id: str) -> str:
@@ -121,6 +130,21 @@ class Keys:
     def cancel_channel(self) -> str:
         """The channel that nudges orchestrators when a tombstone is written."""
         return f"{self._base}:cancels"
+
+    @property
+    def leases(self) -> str:
+        """Sorted set of orchestrator ids scored by their lease deadline (ms, Redis clock)."""
+        return f"{self._base}:leases:{{{self.tenant}}}"
+
+    @property
+    def leases_lost(self) -> str:
+        """Sorted set of orchestrator ids declared lost, scored by when (ms); same slot
+        as :attr:`leases`."""
+        return f"{self._base}:leases:{{{self.tenant}}}:lost"
+
+    def orchestrator_requests(self, orchestrator_id: str) -> str:
+        """The set of request ids orchestrator ``orchestrator_id`` holds a lease on."""
+        return f"{self._base}:orch:{{{orchestrator_id}}}:requests"
 
     def request_id_from_channel(self, channel: str) -> str | None:
         """Inverse of :meth:`request_channel`; ``None`` for any other channel."""

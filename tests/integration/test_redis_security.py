@@ -32,17 +32,20 @@ import websockets
 from redis.exceptions import NoPermissionError, ResponseError
 
 from relay import redisconn
-from relay.config import RedisConfig
+from relay.aio import stop_task
+from relay.config import LeaseConfig, RedisConfig
 from relay.gateway.auth import CAPS, mint_token
 from relay.orchestrator.budget import BudgetState, BudgetStatus, RequestBudget
 from relay.orchestrator.cancel import CancelRegistry
-from relay.orchestrator.client import PublishError, RelayClient
+from relay.orchestrator.client import OrchestratorLost, PublishError, RelayClient
+from relay.wire.scripts import script
 from tests.support import (
     REDIS_SERVER,
     Gateway,
     RedisServer,
     WsClient,
     free_port,
+    metric,
     wait_for,
 )
 from tests.tlscerts import Authority, Issued, authority
@@ -194,6 +197,14 @@ class Secure:
             "RELAY_REDIS_TLS_KEY_FILE": rc.tls_key_file,
         }
 
+    def gateway_env(self, tenant: str = "acme") -> dict[str, str]:
+        """A gateway as its ACL user, its lease reaper as the reaper's (same TLS settings)."""
+        reaper = f"relay-reap-{tenant}"
+        return {
+            **self.env(f"relay-gw-{tenant}", tenant),
+            "RELAY_LEASE_REAPER_REDIS_URL": self.redis.url(reaper, self.users[reaper]),
+        }
+
     def admin(self) -> redis_sync.Redis:
         """An admin client built without relay's code, so it works whatever relay does."""
         return redis_sync.Redis(
@@ -228,7 +239,8 @@ def secure(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Secur
     users = Users({"admin": secrets.token_hex(16)})
     lines = ["user default off", f"user admin on >{users['admin']} ~* &* +@all"]
     for tenant in TENANTS:
-        for role, prefix in (("gateway", "relay-gw"), ("orchestrator", "relay-orch")):
+        roles = (("gateway", "relay-gw"), ("orchestrator", "relay-orch"), ("reaper", "relay-reap"))
+        for role, prefix in roles:
             name = f"{prefix}-{tenant}"
             users.passwords[name] = secrets.token_hex(16)
             lines.append(acl_rule(role, name, users[name], tenant))
@@ -306,7 +318,7 @@ async def test_gateway_and_orchestrator_work_over_tls_as_their_acl_users(
     admin.acl_log_reset()
     secret = secrets.token_hex(32)
     auth = {"RELAY_AUTH_MODE": "jwt", "RELAY_AUTH_JWT_SECRET": secret}
-    gw = Gateway(secure.redis.url(), tmp_path / "gw.log", {**secure.env("relay-gw-acme"), **auth})
+    gw = Gateway(secure.redis.url(), tmp_path / "gw.log", {**secure.gateway_env(), **auth})
     gateways.append(gw)
     gw.start()  # ready: subscribed, and its probe (relay:acme:probe:G) came back
     rid, aid = str(uuid.uuid4()), str(uuid.uuid4())
@@ -374,7 +386,7 @@ async def test_a_token_for_a_tenant_outside_the_acl_is_refused_not_fatal(
     ``redis.tenants`` makes the gateway refuse such a token up front."""
     secret = secrets.token_hex(32)
     env = {
-        **secure.env("relay-gw-acme"),
+        **secure.gateway_env(),
         "RELAY_REDIS_TENANTS": "acme",
         "RELAY_AUTH_MODE": "jwt",
         "RELAY_AUTH_JWT_SECRET": secret,
@@ -542,6 +554,90 @@ async def test_orchestrator_user_publishes_but_cannot_listen_or_cancel(secure: S
             await sdk.publish(rid, {"type": "synthesis_started", "request_id": rid})
 
 
+# ---------------------------------------------------------------- leases
+
+
+async def test_a_lost_orchestrator_is_reaped_under_the_acl_users(
+    secure: Secure, tmp_path: Path, gateways: list[Gateway]
+) -> None:
+    """The lease path end to end as the shipped users: an orchestrator (its role) holds
+    and renews, stops renewing; the gateway's reaper (the reaper role) declares it
+    lost, closes its pause and publishes its terminal events; the orchestrator's next
+    publish is refused. ``ACL LOG`` stays empty: each role has what it uses."""
+    admin = secure.admin()
+    admin.acl_log_reset()
+    lease_env = {"RELAY_LEASE_REAP_INTERVAL": "0.1"}
+    gw = Gateway(secure.redis.url(), tmp_path / "gw.log", {**secure.gateway_env(), **lease_env})
+    gateways.append(gw)
+    gw.start()
+    rid, aid = str(uuid.uuid4()), str(uuid.uuid4())
+    lease = LeaseConfig(renew_interval=0.1, ttl_seconds=0.5)
+    async with (
+        RelayClient.from_config(secure.config("relay-orch-acme"), lease=lease) as orch,
+        WsClient(f"{gw.ws_url}?request_id={rid}&after_seq=0") as viewer,
+    ):
+        keeper = orch.lease
+        assert keeper is not None
+        await keeper.hold(rid)
+        await orch.publish(
+            rid,
+            {"type": "agent_spawned", "agent_id": aid, "parent_id": None,
+             "task_description": "leased", "depth": 0, "index": 0, "total": 1},
+        )  # fmt: skip
+        budget = RequestBudget(orch.redis, orch.keys, rid)
+        await budget.add(9_000)  # the budget hash exists, as in a real run
+        rk = orch.keys.request(rid)
+        pause = {"pause_id": "p1", "deadline_ts": 10**13, "timeout_decision": "stop"}
+        await script("budget_open")(
+            orch.redis, [rk.pending, rk.decision], [json.dumps(pause), 60_000]
+        )
+        await viewer.wait_for(lambda c: len(c.events(rid)) == 1)
+        # The process "dies": renewals stop, nothing is released.
+        assert keeper._task is not None
+        await stop_task(keeper._task)
+        await viewer.wait_for(lambda c: bool(c.of_type("agent_failed")), timeout=15)
+        (failed,) = viewer.of_type("agent_failed")
+        (decision,) = viewer.of_type("budget_decision")
+        assert (decision["decision"], decision["decided_by"]) == ("stop", "timeout")
+        assert failed["agent_id"] == aid and "orchestrator lost" in failed["error"]
+        with pytest.raises(OrchestratorLost, match="orchestrator lost"):
+            await orch.publish_text_deltas(rid, aid, ["too late"])
+    assert metric(gw, "relay_requests_lost_total") == 1
+    assert denied_entries(admin) == [], denied_entries(admin)
+    assert "no permissions" not in gw.output().lower(), gw.output()
+    admin.close()
+
+
+def test_reaper_user_cannot_listen_cancel_or_leave_its_tenant(secure: Secure) -> None:
+    rid = str(uuid.uuid4())
+    reaper = redisconn.sync_client(secure.config("relay-reap-acme"), socket_timeout=5.0)
+    try:
+        command: Command
+        for command in (
+            ("PUBLISH", "relay:acme:cancels", "{}"),
+            ("PUBLISH", "relay:acme:probe:g1", "p"),
+            ("PUBLISH", "relay:beta:events", "x"),
+        ):
+            assert "channels" in deny(reaper, *command), command
+        for command in (
+            ("SET", f"relay:acme:cancel:{{{rid}}}", "x"),
+            ("GET", f"relay:acme:cancel:{{{rid}}}"),
+            ("GET", f"relay:beta:req:{{{rid}}}:seq"),
+            ("ZADD", "relay:beta:leases:{beta}", "1", "o"),
+            ("GET", "session:42"),
+        ):
+            assert "keys" in deny(reaper, *command), command
+        for command in (
+            ("SUBSCRIBE", "relay:acme:events"),
+            ("SUBSCRIBE", "relay:acme:cancels"),
+            ("BLPOP", f"relay:acme:req:{{{rid}}}:decision", "1"),
+            *ADMIN_COMMANDS,
+        ):
+            assert "command" in deny(reaper, *command), command
+    finally:
+        reaper.close()
+
+
 # ---------------------------------------------------------------- verification
 
 
@@ -685,6 +781,34 @@ def test_setuser_form_matches_the_acl_file_form(secure: Secure, redis_server: Re
         return [set(part.split()) for part in rule.replace(")", "").split("(")]
 
     assert parts(from_setuser[0]) == parts(from_file[0])
+
+
+def test_setuser_form_of_the_reaper_role_loads(redis_server: RedisServer) -> None:
+    """The reaper role has no selector: its ``--setuser`` line is accepted as it is."""
+    out = subprocess.run(
+        ["bash", str(ACL_SCRIPT), "--setuser", "reaper", "relay-reap-acme", "acme"],
+        env={**os.environ, "RELAY_ACL_PASSWORD": "x"},
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    loaded = subprocess.run(
+        ["redis-cli", "-p", str(redis_server.port)],
+        input=out.stdout,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "OK", loaded
+    (rule,) = [
+        line
+        for line in redis_server.command("ACL", "LIST").decode().splitlines()
+        if line.startswith("user relay-reap-acme ")
+    ]
+    assert "~relay:acme:leases:*" in rule and "&relay:acme:events" in rule, rule
+    assert "+subscribe" not in rule and "cancel" not in rule, rule
 
 
 @pytest.mark.parametrize(

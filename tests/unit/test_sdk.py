@@ -419,3 +419,14 @@ def test_connect_applies_every_redis_setting_and_the_tenant() -> None:
         relay.connect(config, tenant="no spaces")
     with pytest.raises(relay.ConfigError, match=r"redis\.url"):
         relay.connect("http://nope")
+
+
+async def test_a_request_is_held_under_the_process_lease_while_it_runs(
+    rc: RelayConnection,
+) -> None:
+    assert isinstance(rc.lease, relay.LeaseKeeper)
+    async with rc.request() as req:
+        assert req.id in rc.lease.held
+        leases = rc.keys.request(req.id).lease
+        assert await rc.redis.exists(leases)  # what a gateway's reaper looks at
+    assert req.id not in rc.lease.held

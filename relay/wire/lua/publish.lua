@@ -4,6 +4,12 @@
 -- KEYS[2] epoch    string  id of this incarnation of the request's stream
 -- KEYS[3] history  stream  frames of the request, entry id "<seq>-0", field "f"
 -- KEYS[4] state    hash    snapshot state (agents, budget, outcome)
+-- KEYS[5] lease    hash    optional: the request's lease (relay/wire/lua/lease_*.lua).
+--                          An orchestrator that holds leases passes it; when the
+--                          request was declared lost (its orchestrator's lease
+--                          expired and a gateway finished it) the call is refused
+--                          with "ERR relay: orchestrator lost: ...", so an
+--                          orchestrator that comes back cannot resurrect it.
 --
 -- ARGV[1] request_id (lowercase hyphenated uuid)
 -- ARGV[2] epoch candidate: used only when the request has no epoch yet
@@ -92,8 +98,8 @@ local rid = ARGV[1]
 
 -- ------------------------------------------------------------ arguments
 
-if #KEYS ~= 4 then
-  return refuse('expected 4 keys (seq, epoch, history, state), got ' .. #KEYS)
+if #KEYS ~= 4 and #KEYS ~= 5 then
+  return refuse('expected 4 keys (seq, epoch, history, state) or 5 (and lease), got ' .. #KEYS)
 end
 if #ARGV < 11 or (#ARGV - 9) % 2 ~= 0 then
   return refuse('expected 9 arguments then (type, event JSON) pairs, got '
@@ -118,6 +124,9 @@ end
 if KEYS[4] ~= base .. 'state' then
   return refuse('KEYS[4] ' .. shown(KEYS[4]) .. ' is not the state key of request ' .. rid)
 end
+if #KEYS == 5 and KEYS[5] ~= base .. 'lease' then
+  return refuse('KEYS[5] ' .. shown(KEYS[5]) .. ' is not the lease key of request ' .. rid)
+end
 if ARGV[6] ~= base .. 'events' then
   return refuse('ARGV[6] ' .. shown(ARGV[6]) .. ' is not the channel of request ' .. rid)
 end
@@ -135,6 +144,17 @@ if ARGV[8] == '' then
 end
 if not find(ARGV[9], '^%d+$') then
   return refuse('retry window (ARGV[9]) ' .. shown(ARGV[9]) .. ' is not an integer >= 0')
+end
+
+-- ------------------------------------------------------------ lease
+
+if #KEYS == 5 then
+  local lost = redis.call('HMGET', KEYS[5], 'lost', 'lost_ts')
+  if lost[1] then
+    return refuse('orchestrator lost: request ' .. rid .. ' was finished by a gateway at '
+      .. tostring(lost[2]) .. ' ms because the lease of orchestrator ' .. lost[1]
+      .. ' expired; nothing more can be published to it')
+  end
 end
 
 -- ------------------------------------------------------------ events
