@@ -1,0 +1,387 @@
+"""``POST /agui/requests/{request_id}``: a relay request as an AG-UI run over SSE.
+
+AG-UI's HTTP transport: the client POSTs a ``RunAgentInput`` and reads the
+run's events from the response, ``text/event-stream``, one ``data:`` line of
+JSON per event. The stream is fed like a WebSocket client's: this process's
+hub (one pub/sub connection, each event parsed once), a bounded
+:class:`~relay.gateway.sendqueue.SendQueue` with the configured overflow
+policy, and an :class:`~relay.gateway.writer.OrderedWriter` that sends each
+event once in seq order, replaying history for a resume, a lag or a hub
+reconnect. The writer's output is turned into AG-UI events by
+:class:`~relay.wire.agui_map.AguiRun` here, per client (the mapping depends
+on what this client's run has opened).
+
+Auth, tenancy and limits are the WebSocket's: a bearer token
+(``Authorization`` or ``?token=``) with ``view`` on the request, the
+per-process and per-subject connection caps, the replay budget. A budget
+answer carried in ``resume`` needs ``decide``.
+
+Example (a curl client)::
+
+    curl -N -H 'Content-Type: application/json' -H 'Authorization: Bearer …' \\
+      -d '{"threadId":"t","runId":"r1","messages":[]}' \\
+      http://gateway:8000/agui/requests/6f3b…
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from relay.aio import stop_task
+from relay.gateway.auth import AuthError, Principal, bearer
+from relay.gateway.envelope import Envelope, history_seq
+from relay.gateway.guard import HttpRefusal, require_json
+from relay.gateway.hub import HubUnavailable, TenantHub
+from relay.gateway.limits import read_body, subject_key
+from relay.gateway.sendqueue import Begin, Reset, SendQueue
+from relay.gateway.writer import OrderedWriter
+from relay.logs import LogOnce
+from relay.wire.agui_input import InputError, RunInput, budget_answers, parse_input, resume_cursor
+from relay.wire.agui_map import AguiRun, Event
+from relay.wire.agui_state import adopt_state, from_relay_snapshot, initial_state
+from relay.wire.commands import CommandError, load_object
+from relay.wire.events import EVENT_TYPES
+
+if TYPE_CHECKING:
+    from relay.gateway.app import Services
+
+log = logging.getLogger(__name__)
+log_once = LogOnce(log)
+
+SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    # Proxies and CDNs must pass each event on at once, and keep none.
+    "cache-control": "no-cache, no-transform",
+    "x-accel-buffering": "no",
+}
+
+HEARTBEAT = {"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True}
+
+
+def sse(events: list[Event]) -> bytes:
+    """The SSE messages of ``events``: one ``data:`` line each (JSON has no raw newline)."""
+    return b"".join(
+        b"data: " + json.dumps(e, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+        for e in events
+    )
+
+
+class _Finished(Exception):
+    """The run ended (RUN_FINISHED / RUN_ERROR written): stop the writer."""
+
+
+class AguiSession:
+    """One AG-UI run attached to one request: the hub's subscriber and the writer's sink."""
+
+    def __init__(
+        self, svc: Services, hub: TenantHub, principal: Principal, rid: str, run: RunInput
+    ) -> None:
+        self.svc, self.hub, self.principal, self.rid, self.input = svc, hub, principal, rid, run
+        gw = svc.config.gateway
+        self.queue = SendQueue(
+            gw.send_queue_max,
+            gw.send_queue_max_bytes,
+            gw.overflow_policy,
+            svc.metrics,
+            max_lagged=gw.firehose_track_requests,
+            turns=svc.turns,
+        )
+        self.limits = svc.limits.for_connection()
+        # The writer sends to this session instead of a socket (send_text below).
+        self.writer = OrderedWriter(
+            cast(WebSocket, self),
+            self.queue,
+            hub.store,
+            svc.config,
+            svc.metrics,
+            wants=lambda r: r == rid,
+            subscribed=lambda r: r == rid,
+            runs=set(),
+            replay_budget=self.limits.spend_replay,  # limits: replay volume
+        )
+        self.hold: deque[Envelope] | None = deque(maxlen=gw.send_queue_max)
+        self.run = AguiRun(run.threadId, run.runId, initial_state(rid))
+        self.epoch: str | None = None
+        self.send: Send | None = None
+        self.done = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    # ---------------------------------------------------------------- hub side
+
+    def offer(self, envelope: Envelope) -> None:
+        """Called by the hub for every event of the request (never blocks)."""
+        if self.hold is not None:
+            self.hold.append(envelope)  # while the start is prepared; oldest dropped, refilled
+        else:
+            self.queue.push_event(envelope)
+
+    def stream_reset(self, request_id: str, epoch: str | None, reason: str) -> None:
+        """Called by the hub when the request's stream restarted in a new epoch."""
+        self.queue.push_control(Reset(request_id, epoch, reason))
+
+    # ---------------------------------------------------------------- start
+
+    async def prepare(self) -> list[Event]:
+        """Subscribe, answer a budget pause, and choose where the stream continues.
+
+        Returns the run's first events; the writer is primed to continue
+        after them. Raises :class:`HubUnavailable` / ``RedisError`` before
+        anything is sent, :class:`CommandError` for an answer refused.
+        """
+        store, rid = self.hub.store, self.rid
+        await self.hub.watch(rid, self)
+        pos = await store.position(rid)
+        self.epoch = pos.epoch
+        adopted = adopt_state(self.input.state, rid)
+        cursor = resume_cursor(self.input, adopted)
+        notices: list[Event] = []
+        state = adopted if adopted is not None else initial_state(rid, pos.epoch)
+        last = 0
+        if cursor is not None:
+            if cursor.epoch is not None and pos.epoch is not None and cursor.epoch != pos.epoch:
+                # Redis lost the stream: the new incarnation is replayed from
+                # its start, and its text continues each agent's message.
+                notices.append(self.run.notice("epoch_changed", {"epoch": pos.epoch}))
+            elif cursor.seq > pos.seq:
+                raise CommandError("ahead_of_stream", f"seq {cursor.seq} is past the stream")
+            else:
+                last = cursor.seq
+        if last < pos.seq and not await self._history_reaches(last + 1):
+            # History no longer covers the client's position (or the start):
+            # the state comes from the snapshot, the text from there on.
+            snap = await store.snapshot(rid)
+            state = from_relay_snapshot(snap)
+            last = state["relay"]["seq"]
+            notices.append(self.run.notice("history_trimmed", {"from_seq": last}))
+        state["relay"] = {"epoch": pos.epoch, "seq": last}
+        self.run.state = state
+        first = self.run.start()
+        if self.run.finished:
+            return first + notices
+        first += notices + await self._answer(resumed=cursor is not None)
+        if not self.run.finished:
+            self.queue.push_control(Begin(rid, pos.epoch, last, [], pos.seq))
+        return first
+
+    async def _history_reaches(self, seq: int) -> bool:
+        history = self.hub.keys.request(self.rid).history
+        head = await self.hub.store.redis.xrange(history, min="-", max="+", count=1)
+        first = head[0][0] if head else None
+        return first is not None and history_seq(first) <= seq
+
+    async def _answer(self, *, resumed: bool) -> list[Event]:
+        """Apply the budget answers of ``resume``; a pause still open and not
+        addressed by a resumed run ends it with the interrupt at once."""
+        out: list[Event] = []
+        pending = await self.hub.store.pending_decision(self.rid)
+        addressed = False
+        for answer in budget_answers(self.input):
+            current = pending is not None and answer.pause_id == pending.get("pause_id")
+            addressed = addressed or current
+            if answer.decision is None:
+                continue  # the person abandoned it: the pause runs to its deadline
+            if not current:
+                out.append(self.run.notice("resume_not_applied", {"interruptId": answer.pause_id}))
+                continue
+            command = {
+                "type": f"budget_{answer.decision}",
+                "request_id": self.rid,
+                "pause_id": answer.pause_id,
+            }
+            try:
+                await self.svc.actions.execute_raw(command, self.principal)
+            except CommandError as exc:
+                if exc.code != "no_pending_decision":
+                    return out + self.run.error(f"relay.{exc.code}", exc.message)
+                out.append(self.run.notice("resume_not_applied", {"interruptId": answer.pause_id}))
+            pending = None
+        if pending is not None and resumed and not addressed:
+            out += self.run.interrupt(pending)
+        return out
+
+    # ---------------------------------------------------------------- writer side
+
+    async def send_text(self, text: str) -> None:
+        """The writer's output: a relay frame (event or control), as AG-UI events."""
+        if self.run.finished:
+            raise _Finished
+        frame = json.loads(text)
+        kind = frame.get("type")
+        if kind in EVENT_TYPES and "seq" in frame and frame.get("request_id") == self.rid:
+            if self.epoch is None:
+                self.epoch = (await self.hub.store.position(self.rid)).epoch
+            pending = None
+            if kind == "budget_warning":
+                # The orchestrator opens the pause before it publishes the
+                # warning, so an open pause is this one (or none: answered).
+                pending = await self.hub.store.pending_decision(self.rid)
+            events = self.run.feed(frame, self.epoch, pending)
+        elif kind == "resync_required":
+            reason = str(frame.get("reason"))
+            if reason == "epoch_changed":
+                self.epoch = frame.get("epoch")
+                events = [self.run.notice("epoch_changed", {"epoch": self.epoch})]
+            else:
+                # The client starts another run: it continues from its state.
+                events = self.run.error(f"relay.{reason}", f"the stream cannot go on: {reason}")
+        else:
+            return  # subscribed, lagged (the refill follows), budget_pending
+        await self.write(events)
+        if self.run.finished:
+            self.done.set()
+            raise _Finished
+
+    async def write(self, events: list[Event]) -> None:
+        """Send ``events`` as one chunk."""
+        if events and self.send is not None:
+            async with self._lock:
+                await self.send(
+                    {"type": "http.response.body", "body": sse(events), "more_body": True}
+                )
+
+    async def heartbeat(self) -> None:
+        """A comment now and then: proxies keep a quiet stream open (clients ignore it)."""
+        while True:
+            await asyncio.sleep(self.svc.config.gateway.ping_interval)
+            if self.send is not None:
+                async with self._lock:
+                    await self.send(HEARTBEAT)
+
+    async def expiry(self) -> None:
+        """End the run when the token expires (the client refreshes and starts another)."""
+        exp = self.principal.exp
+        if exp is None:
+            await asyncio.Event().wait()
+            return
+        await asyncio.sleep(max(0.0, exp + self.svc.config.auth.leeway_seconds - time.time()))
+        await self.write(self.run.error("relay.token_expired", "token expired"))
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class AguiStream(Response):
+    """The streaming response: runs the session until its run ends or the client leaves."""
+
+    def __init__(self, session: AguiSession, first: list[Event], limit_key: str) -> None:
+        super().__init__(status_code=200, headers=SSE_HEADERS)
+        self.session, self.first, self.limit_key = session, first, limit_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        s = self.session
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            s.send = send
+            await s.write(self.first)
+            if s.run.finished:
+                return
+            hold, s.hold = s.hold or deque(), None
+            for env in hold:
+                s.queue.push_event(env)
+            tasks = [
+                asyncio.create_task(s.writer.run(), name="relay-agui-writer"),
+                asyncio.create_task(s.done.wait(), name="relay-agui-done"),
+                asyncio.create_task(s.queue.overflow.wait(), name="relay-agui-overflow"),
+                asyncio.create_task(_disconnected(receive), name="relay-agui-disconnect"),
+                asyncio.create_task(s.heartbeat(), name="relay-agui-heartbeat"),
+                asyncio.create_task(s.expiry(), name="relay-agui-expiry"),
+            ]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = None if task.cancelled() else task.exception()
+                    if exc is not None and not isinstance(exc, _Finished | OSError):
+                        s.svc.metrics.internal_errors.labels(where="agui").inc()
+                        log_once(f"agui:{type(exc).__name__}", "AG-UI stream failed", exc=exc)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    await stop_task(task)
+        finally:
+            s.queue.close()
+            await s.hub.unwatch(s.rid, s)
+            s.svc.limits.release(self.limit_key)  # limits
+            # An overflow (policy close), an expired token or a failure ends
+            # the response without RUN_FINISHED: the client starts another run.
+            with contextlib.suppress(OSError):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _principal(svc: Services, request: Request) -> Principal:
+    """The WebSocket's rules: ``Authorization: Bearer``, else ``?token=``; 401 without."""
+    if not svc.auth.enabled:
+        return svc.anonymous
+    token = bearer(request.headers.get("authorization")) or request.query_params.get("token")
+    if not token:
+        svc.metrics.auth_failures.labels(reason="missing").inc()
+        raise HttpRefusal(401, "unauthorized", "a bearer token is required")
+    try:
+        return await svc.auth.verify(token)
+    except AuthError as exc:
+        svc.metrics.auth_failures.labels(reason="invalid").inc()
+        raise HttpRefusal(401, "invalid_token", str(exc)) from None
+
+
+async def agui_route(request: Request) -> Response:
+    """``POST /agui/requests/{request_id}``: body ``RunAgentInput``, answer an AG-UI SSE stream."""
+    from relay.gateway.app import services
+
+    svc = services(request)
+    try:
+        rid = str(uuid.UUID(request.path_params["request_id"]))
+    except ValueError:
+        return HttpRefusal(400, "invalid_uuid", "request_id is not a UUID").response()
+    try:
+        require_json(request)
+        principal = await _principal(svc, request)
+        principal.require("view", rid)
+        raw = await read_body(request, svc.config.limits.max_body_bytes)  # limits
+        run = parse_input(load_object(raw) if raw else {})
+        budget_answers(run)  # a malformed answer is refused before anything happens
+    except HttpRefusal as refusal:
+        return refusal.response()
+    except InputError as exc:
+        return HttpRefusal(400, "invalid_field", str(exc)).response()
+    except CommandError as exc:
+        from relay.gateway.app import _error
+
+        return _error(exc)
+    key = subject_key(principal.sub, request.client)
+    if (refused := svc.limits.admit(key)) is not None:  # limits: connections
+        return JSONResponse(
+            {"type": "error", "code": "too_many_connections", "message": refused},
+            status_code=503,
+            headers={"retry-after": "1"},
+        )
+    session = AguiSession(svc, svc.hub.tenant(principal.tenant), principal, rid, run)
+    try:
+        first = await session.prepare()
+    except BaseException as exc:
+        session.queue.close()
+        await session.hub.unwatch(rid, session)
+        svc.limits.release(key)
+        if isinstance(exc, HubUnavailable | RedisError):
+            log.info("AG-UI attach to %s failed: %s", rid, exc)
+            return HttpRefusal(503, "unavailable", "Redis is unavailable; try again").response()
+        if isinstance(exc, InputError):
+            return HttpRefusal(400, "invalid_field", str(exc)).response()
+        if isinstance(exc, CommandError):
+            return HttpRefusal(409, exc.code, exc.message).response()
+        raise
+    return AguiStream(session, first, key)
