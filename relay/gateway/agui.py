@@ -280,6 +280,8 @@ class AguiStream(Response):
 
     def __init__(self, session: AguiSession, first: list[Event], limit_key: str) -> None:
         super().__init__(status_code=200, headers=SSE_HEADERS)
+        # A stream has no length: chunked transfer (Response sets content-length: 0).
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.session, self.first, self.limit_key = session, first, limit_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
