@@ -1,0 +1,284 @@
+"""``POST /agui/requests/{id}`` against real redis-server and gateway processes.
+
+The AG-UI stream of simulated runs: verified run by run (the official
+models and the client's rules, tests/unit/test_agui_map.py), compared with
+what Redis holds, cut and resumed, paused and answered, and refused the way
+the WebSocket refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from relay.gateway.auth import mint_token
+from tests.integration.agui_support import (
+    PAUSING,
+    QUIET,
+    Events,
+    history,
+    read_run,
+    run_body,
+    simulate,
+    texts,
+)
+from tests.support import Gateway, RedisServer, RelayProcess, eventually
+from tests.unit.test_agui_map import apply, client_messages, verify
+
+pytestmark = pytest.mark.integration
+
+SECRET = "agui-secret-" + "s" * 32
+SHORT = ("--agents", "3", "--depth", "2", "--deltas", "8", "--delta-interval", "0.005")
+MEDIUM = ("--agents", "3", "--depth", "2", "--deltas", "30", "--delta-interval", "0.02")
+
+
+def url(gw: Gateway, rid: str) -> str:
+    return f"{gw.http}/agui/requests/{rid}"
+
+
+async def finished(proc: RelayProcess, timeout: float = 60) -> None:
+    await eventually(lambda: not proc.alive(), timeout, "simulate to exit")
+    assert proc.stop() == 0, proc.output()
+
+
+@pytest.fixture
+def sim(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+    """``sim(rid, *args)`` starts a simulated orchestrator; all are stopped at the end."""
+    started: list[RelayProcess] = []
+
+    def start(rid: str, *args: str) -> RelayProcess:
+        started.append(simulate(redis_server.url, tmp_path, rid, *args))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.stop(signal.SIGKILL)
+
+
+def contents(events: Events) -> dict[str, str]:
+    return {m["id"]: m["content"] for m in client_messages(events) if m["role"] == "assistant"}
+
+
+async def test_a_finished_request_is_one_verified_run_with_every_agents_text(
+    redis_server: RedisServer, start_gateway: Any, sim: Any
+) -> None:
+    gw = start_gateway()
+    rid = str(uuid.uuid4())
+    await finished(sim(rid, *SHORT, *QUIET))
+    status, events = await read_run(url(gw, rid), run_body("r1"))
+    assert status == 200
+    verify(events)
+    frames = history(redis_server.url, rid)
+    assert contents(events) == texts(frames)
+    state = apply(None, events)
+    assert state["relay"]["seq"] == frames[-1]["seq"]
+    assert {a["status"] for a in state["agents"].values()} == {"completed"}
+    assert events[-1]["type"] == "RUN_FINISHED"
+    assert events[-1]["outcome"] == {"type": "success"}
+    subagents = [e for e in events if e["type"] == "SUBAGENT_STARTED"]
+    assert len(subagents) == len(state["agents"]) - 1  # every agent but the root
+
+
+async def test_a_run_cut_anywhere_resumes_without_repeating_or_skipping(
+    redis_server: RedisServer, start_gateway: Any, sim: Any
+) -> None:
+    gw = start_gateway()
+    rid = str(uuid.uuid4())
+    proc = sim(rid, *MEDIUM, *QUIET)
+    seen: Events = []
+    state: Any = None
+    runs = 0
+    while not seen or seen[-1]["type"] != "RUN_FINISHED":
+        want = 5 + (runs * 13) % 37  # cuts at many different places
+
+        def cut(evs: Events, want: int = want) -> bool:
+            # At the end of one relay event's AG-UI events, as a broken
+            # connection cuts between two writes.
+            return len(evs) >= want and evs[-1]["type"] in ("STATE_DELTA", "TEXT_MESSAGE_CONTENT")
+
+        body = run_body(f"r{runs}")
+        if state is not None:
+            body.update(state=state, messages=client_messages(seen))
+        status, events = await read_run(url(gw, rid), body, stop=cut)
+        assert status == 200, events
+        verify(events)
+        state = apply(state, events)
+        seen += events
+        runs += 1
+        assert runs < 200
+    await finished(proc)
+    assert runs > 3
+    frames = history(redis_server.url, rid)
+    assert contents(seen) == texts(frames)
+    assert state["relay"]["seq"] == frames[-1]["seq"]
+    results = Counter(e["messageId"] for e in seen if e["type"] == "TOOL_CALL_RESULT")
+    assert results and set(results.values()) == {1}, results
+    spawns = Counter(e["toolCallId"] for e in seen if e["type"] == "TOOL_CALL_START")
+    assert set(spawns.values()) == {1}
+
+
+def jwt_env() -> dict[str, str]:
+    return {"RELAY_AUTH_MODE": "jwt", "RELAY_AUTH_JWT_SECRET": SECRET}
+
+
+def bearer(caps: tuple[str, ...] = ("view", "cancel", "decide"), **more: Any) -> dict[str, str]:
+    token = mint_token(SECRET, tenant="default", caps=caps, sub="ops", ttl_seconds=600, **more)
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_a_budget_pause_is_an_interrupt_answered_by_the_next_runs_resume(
+    redis_server: RedisServer, start_gateway: Any, sim: Any
+) -> None:
+    gw = start_gateway(jwt_env())
+    rid = str(uuid.uuid4())
+    proc = sim(rid, *PAUSING, "--decision-timeout", "60")
+    status, first = await read_run(url(gw, rid), run_body("r1"), headers=bearer())
+    assert status == 200
+    verify(first)
+    end = first[-1]
+    assert end["type"] == "RUN_FINISHED" and end["outcome"]["type"] == "interrupt", end
+    (interrupt,) = end["outcome"]["interrupts"]
+    assert interrupt["reason"] == "relay:budget_pause"
+    assert interrupt["expiresAt"].endswith("Z")
+    state = apply(None, first)
+    assert state["pending_decision"]["pause_id"] == interrupt["id"]
+    answer = {"interruptId": interrupt["id"], "status": "resolved", "payload": {"decision": "stop"}}
+    body = run_body("r2", state=state, messages=client_messages(first), resume=[answer])
+
+    # A token without "decide" cannot answer: the run ends with RUN_ERROR.
+    status, refused = await read_run(url(gw, rid), body, headers=bearer(("view",)))
+    assert refused[-1]["type"] == "RUN_ERROR" and refused[-1]["code"] == "relay.forbidden"
+
+    status, second = await read_run(url(gw, rid), body, headers=bearer())
+    verify(second)
+    assert second[-1]["type"] == "RUN_FINISHED" and second[-1]["outcome"] == {"type": "success"}
+    state = apply(state, second)
+    assert state["last_decision"] == {"decision": "stop", "decided_by": "client"}
+    assert state["pending_decision"] is None
+    await finished(proc)
+    assert contents(first + second) == texts(history(redis_server.url, rid))
+
+
+async def test_a_pause_answered_through_rest_lets_the_next_run_go_on(
+    redis_server: RedisServer, start_gateway: Any, sim: Any
+) -> None:
+    gw = start_gateway()
+    rid = str(uuid.uuid4())
+    proc = sim(rid, *PAUSING, "--decision-timeout", "60")
+    _, first = await read_run(url(gw, rid), run_body("r1"))
+    interrupt = first[-1]["outcome"]["interrupts"][0]
+    state = apply(None, first)
+    messages = client_messages(first)
+
+    # A run that does not address the open pause ends with it again, at once.
+    _, again = await read_run(url(gw, rid), run_body("r2", state=state, messages=messages))
+    verify(again)
+    assert again[-1]["outcome"]["interrupts"][0]["id"] == interrupt["id"]
+    assert not [e for e in again if e["type"] == "TEXT_MESSAGE_CONTENT"]
+
+    assert gw.post(f"/api/v1/requests/{rid}/budget", {"decision": "continue"})[0] == 202
+    gone = {"interruptId": interrupt["id"], "status": "cancelled"}
+    body = run_body("r3", state=state, messages=messages, resume=[gone])
+    _, rest = await read_run(url(gw, rid), body)
+    verify(rest)
+    assert rest[-1]["type"] == "RUN_FINISHED" and rest[-1]["outcome"] == {"type": "success"}
+    assert apply(state, rest)["last_decision"] == {"decision": "continue", "decided_by": "client"}
+    await finished(proc)
+    assert contents(first + rest) == texts(history(redis_server.url, rid))
+
+
+async def test_auth_and_tenancy_are_the_websockets(
+    redis_server: RedisServer, start_gateway: Any, sim: Any
+) -> None:
+    gw = start_gateway(jwt_env())
+    rid = str(uuid.uuid4())
+    await finished(sim(rid, *SHORT, *QUIET))
+    target = url(gw, rid)
+
+    status, body = await read_run(target, run_body("r"))
+    assert status == 401 and body[0]["code"] == "unauthorized"
+    status, body = await read_run(target, run_body("r"), headers={"Authorization": "Bearer x.y.z"})
+    assert status == 401 and body[0]["code"] == "invalid_token"
+    status, body = await read_run(target, run_body("r"), headers=bearer(("cancel",)))
+    assert status == 403 and body[0]["code"] == "forbidden"
+    other = bearer(requests=(str(uuid.uuid4()),))
+    status, body = await read_run(target, run_body("r"), headers=other)
+    assert status == 403
+
+    token = bearer()["Authorization"].split()[1]
+    status, events = await read_run(f"{target}?token={token}", run_body("r"))
+    assert status == 200 and events[-1]["type"] == "RUN_FINISHED"
+
+    # Another tenant's token reaches another tenant's request of that id: nothing.
+    elsewhere = mint_token(SECRET, tenant="t2", caps=("view",), sub="x", ttl_seconds=60)
+    status, events = await read_run(
+        target,
+        run_body("r"),
+        headers={"Authorization": f"Bearer {elsewhere}"},
+        stop=lambda evs: len(evs) >= 2,
+    )
+    assert status == 200
+    assert events[1]["snapshot"]["agents"] == {} and events[1]["snapshot"]["relay"]["seq"] == 0
+
+
+async def test_bad_input_is_refused_with_a_clear_error(start_gateway: Any) -> None:
+    gw = start_gateway({"RELAY_LIMITS_MAX_BODY_BYTES": "2048"})
+    rid = str(uuid.uuid4())
+    async with httpx.AsyncClient(timeout=10) as client:
+        plain = await client.post(
+            url(gw, rid), content=b"{}", headers={"content-type": "text/plain"}
+        )
+        assert plain.status_code == 415
+        broken = await client.post(
+            url(gw, rid), content=b"{", headers={"content-type": "application/json"}
+        )
+        assert broken.status_code == 400 and broken.json()["code"] == "invalid_json"
+        missing = await client.post(url(gw, rid), json={"threadId": "t", "messages": []})
+        assert missing.status_code == 400 and "runId" in missing.json()["message"]
+        answer = {"interruptId": "p", "status": "resolved", "payload": {"yes": 1}}
+        bad = await client.post(url(gw, rid), json=run_body("r", resume=[answer]))
+        assert bad.status_code == 400 and "decision" in bad.json()["message"]
+        props = {"relay": {"after_seq": "x"}}
+        cursor = await client.post(url(gw, rid), json=run_body("r", forwardedProps=props))
+        assert cursor.status_code == 400 and "after_seq" in cursor.json()["message"]
+        big = await client.post(url(gw, rid), json=run_body("r", state={"pad": "x" * 4096}))
+        assert big.status_code == 413
+        not_uuid = await client.post(f"{gw.http}/agui/requests/nope", json=run_body("r"))
+        assert not_uuid.status_code == 400 and not_uuid.json()["code"] == "invalid_uuid"
+
+
+async def test_streams_count_against_the_connection_limits(start_gateway: Any) -> None:
+    gw = start_gateway({"RELAY_LIMITS_MAX_CONNECTIONS_PER_SUBJECT": "1"})
+    rid = str(uuid.uuid4())
+    opened = asyncio.Event()
+
+    async def hold() -> None:
+        def started(evs: Events) -> bool:
+            opened.set()
+            return False
+
+        await read_run(url(gw, rid), run_body("a"), stop=started)
+
+    holder = asyncio.create_task(hold())
+    try:
+        await asyncio.wait_for(opened.wait(), 10)
+        status, body = await read_run(url(gw, rid), run_body("b"))
+        assert status == 503 and body[0]["code"] == "too_many_connections"
+    finally:
+        holder.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+    # The limit is given back when the stream ends.
+    await eventually(
+        lambda: gw.get("/readyz")[1].get("watched_requests") == 0, 10, "the stream released"
+    )
+    status, events = await read_run(url(gw, rid), run_body("c"), stop=lambda evs: len(evs) >= 2)
+    assert status == 200 and events[0]["type"] == "RUN_STARTED"
