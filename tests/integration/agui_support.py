@@ -73,7 +73,7 @@ def history(redis_url: str, rid: str, tenant: str = "default") -> Events:
         entries = client.xrange(Keys(tenant).request(rid).history)
     finally:
         client.close()
-    return [json.loads(fields[b"f"]) for _, fields in entries]
+    return [json.loads(fields[b"f"]) for _, fields in entries or [] if fields is not None]
 
 
 def texts(frames: Events) -> dict[str, str]:
