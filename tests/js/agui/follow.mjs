@@ -27,9 +27,19 @@ const headers = options.token ? { Authorization: `Bearer ${options.token}` } : {
 const out = (obj) => process.stdout.write(`${JSON.stringify(obj)}\n`);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+// When a stream breaks, the client cancels its reader and rethrows the
+// socket error from that teardown, outside any promise the caller holds: a
+// browser logs it as an unhandled rejection, Node would exit. Recorded here
+// (the test requires them to be network errors), and runAgent() rejects as well.
+const unhandled = [];
+process.on("unhandledRejection", (err) => unhandled.push(String(err?.cause ?? err)));
+
+// The client warns when it strips or drops something it does not recognise,
+// and logs each failed run ("Agent execution failed") as an error.
 const warnings = [];
+const errors = [];
 console.warn = (...args) => warnings.push(args.map(String).join(" "));
-console.error = (...args) => warnings.push(args.map(String).join(" "));
+console.error = (...args) => errors.push(args.map(String).join(" "));
 
 const agent = new HttpAgent({ url: `${base}/agui/requests/${requestId}`, headers });
 let events = 0;
@@ -111,7 +121,9 @@ out({
   done: true,
   runs,
   failures,
+  unhandled,
   warnings,
+  errors,
   customs,
   cancelled,
   subagents,
