@@ -9,7 +9,11 @@ the WebSocket refuses.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import os
 import signal
+import socket
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,7 +23,9 @@ from typing import Any
 import httpx
 import pytest
 
+from relay.config import HistoryConfig
 from relay.gateway.auth import mint_token
+from relay.orchestrator.client import RelayClient
 from tests.integration.agui_support import (
     PAUSING,
     QUIET,
@@ -30,7 +36,7 @@ from tests.integration.agui_support import (
     simulate,
     texts,
 )
-from tests.support import Gateway, RedisServer, RelayProcess, eventually
+from tests.support import Gateway, RedisServer, RelayProcess, eventually, metric
 from tests.unit.test_agui_map import apply, client_messages, verify
 
 pytestmark = pytest.mark.integration
@@ -282,3 +288,118 @@ async def test_streams_count_against_the_connection_limits(start_gateway: Any) -
     )
     status, events = await read_run(url(gw, rid), run_body("c"), stop=lambda evs: len(evs) >= 2)
     assert status == 200 and events[0]["type"] == "RUN_STARTED"
+
+
+def dechunk(raw: bytes) -> bytes:
+    """The body of an HTTP/1.1 chunked response (``raw`` starts after the headers)."""
+    body, rest = b"", raw
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return body
+        body, rest = body + rest[:size], rest[size + 2 :]
+
+
+async def test_a_stalled_stream_follows_the_bounded_queue_policy_and_loses_nothing(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    gw = start_gateway()
+    rid, root = str(uuid.uuid4()), str(uuid.uuid4())
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # A small fixed receive buffer: the gateway's send queue fills, not the kernel.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = json.dumps(run_body("r1")).encode()
+    writer.write(
+        f"POST /agui/requests/{rid} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    try:
+        await eventually(lambda: gw.get("/readyz")[1]["watched_requests"] == 1, 10, "attached")
+        async with RelayClient.from_url(redis_server.url) as pub:
+            await pub.publish(rid, spawned_event(root))
+            for _ in range(40):
+                chunk = [base64.b64encode(os.urandom(750)).decode() for _ in range(100)]
+                await pub.publish_text_deltas(rid, root, chunk)
+            await eventually(lambda: metric(gw, "relay_queue_drops_total") > 0, 20, "drops")
+            await pub.publish(
+                rid,
+                {
+                    "type": "agent_completed",
+                    "agent_id": root,
+                    "result_summary": "ok",
+                    "tokens_used": 1,
+                    "duration_ms": 1,
+                },
+            )
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        raw = b""
+        async with asyncio.timeout(60):
+            while not raw.endswith(b"\r\n0\r\n\r\n"):
+                data = await reader.read(1 << 16)
+                assert data, "the stream ended early"
+                raw += data
+    finally:
+        writer.close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    events = [
+        json.loads(line[6:]) for line in dechunk(rest).split(b"\n") if line.startswith(b"data: ")
+    ]
+    verify(events)
+    assert events[-1]["type"] == "RUN_FINISHED"
+    assert contents(events) == texts(history(redis_server.url, rid))
+
+
+def spawned_event(aid: str) -> dict[str, Any]:
+    return {
+        "type": "agent_spawned",
+        "agent_id": aid,
+        "parent_id": None,
+        "task_description": "bulk",
+        "depth": 0,
+        "index": 0,
+        "total": 1,
+    }
+
+
+async def test_when_history_no_longer_reaches_back_the_run_starts_from_the_snapshot(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    gw = start_gateway()
+    rid, root = str(uuid.uuid4()), str(uuid.uuid4())
+    short = HistoryConfig(max_events=20)
+    async with RelayClient.from_url(redis_server.url, history=short) as pub:
+        await pub.publish(rid, spawned_event(root))
+        await pub.publish_text_deltas(rid, root, [f"old{i} " for i in range(50)])
+        seen: Events = []
+
+        async def follow() -> None:
+            _, events = await read_run(url(gw, rid), run_body("r1"))
+            seen.extend(events)
+
+        reader = asyncio.create_task(follow())
+        await eventually(lambda: gw.get("/readyz")[1]["watched_requests"] == 1, 10, "attached")
+        await pub.publish_text_deltas(rid, root, ["new1 ", "new2"])
+        await pub.publish(
+            rid,
+            {
+                "type": "agent_completed",
+                "agent_id": root,
+                "result_summary": "ok",
+                "tokens_used": 1,
+                "duration_ms": 1,
+            },
+        )
+        await asyncio.wait_for(reader, 30)
+    verify(seen)
+    snapshot = seen[1]["snapshot"]
+    assert snapshot["relay"]["seq"] == 51 and snapshot["agents"][root]["status"] == "running"
+    assert {"type": "CUSTOM", "name": "relay.history_trimmed", "value": {"from_seq": 51}} in seen
+    assert contents(seen) == {f"msg-{root}": "new1 new2"}
+    assert seen[-1]["type"] == "RUN_FINISHED"
