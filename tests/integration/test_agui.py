@@ -403,3 +403,19 @@ async def test_when_history_no_longer_reaches_back_the_run_starts_from_the_snaps
     assert {"type": "CUSTOM", "name": "relay.history_trimmed", "value": {"from_seq": 51}} in seen
     assert contents(seen) == {f"msg-{root}": "new1 new2"}
     assert seen[-1]["type"] == "RUN_FINISHED"
+
+
+async def test_a_quiet_stream_carries_heartbeat_comments(start_gateway: Any) -> None:
+    gw = start_gateway({"RELAY_GATEWAY_PING_INTERVAL": "0.2"})
+    lines: list[str] = []
+    async with (
+        httpx.AsyncClient(timeout=10) as client,
+        client.stream("POST", url(gw, str(uuid.uuid4())), json=run_body("r")) as resp,
+    ):
+        async with asyncio.timeout(10):
+            async for line in resp.aiter_lines():
+                lines.append(line)
+                if line.startswith(":"):
+                    break
+    assert lines[-1] == ": keep-alive"
+    assert resp.headers["cache-control"].startswith("no-cache")
