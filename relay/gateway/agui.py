@@ -233,7 +233,7 @@ class AguiSession:
             reason = str(frame.get("reason"))
             if reason == "epoch_changed":
                 self.epoch = frame.get("epoch")
-                events = [self.run.notice("epoch_changed", {"epoch": self.epoch})]
+                events = self.run.new_epoch(self.epoch)
             else:
                 # The client starts another run: it continues from its state.
                 events = self.run.error(f"relay.{reason}", f"the stream cannot go on: {reason}")

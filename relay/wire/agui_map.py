@@ -96,6 +96,15 @@ class AguiRun:
         """A ``CUSTOM`` event ``relay.<name>`` (facts with no AG-UI event of their own)."""
         return event("CUSTOM", name=f"relay.{name}", value=value)
 
+    def new_epoch(self, epoch: str | None) -> list[Event]:
+        """The stream restarted in a new epoch (Redis lost it): its seqs start over."""
+        patch = Patch(self.state)
+        patch.add({"epoch": epoch, "seq": 0}, "relay")
+        return [
+            self.notice("epoch_changed", {"epoch": epoch}),
+            event("STATE_DELTA", delta=patch.ops),
+        ]
+
     def interrupt(self, pending: dict[str, Json]) -> list[Event]:
         """End the run with the interrupt outcome for a pending budget pause."""
         pause = pause_state(pending)
@@ -145,11 +154,11 @@ class AguiRun:
         kind = str(frame.get("type"))
         seq = int(frame["seq"])
         ts = frame.get("ts") if isinstance(frame.get("ts"), int) else None
+        if kind == "agent_text_delta":
+            return self._text(frame, epoch, seq, ts)
         patch = Patch(self.state)
         if epoch is not None:
             patch.add(epoch, "relay", "epoch")
-        if kind == "agent_text_delta":
-            return self._text(frame, epoch, seq, ts)
         out: list[Event] = []
         after: list[Event] = []
         handler = HANDLERS.get(kind)

@@ -532,3 +532,22 @@ def test_the_state_of_a_relay_snapshot() -> None:
 
 def test_pointers_escape_tilde_and_slash() -> None:
     assert pointer("a~b", "c/d") == "/a~0b/c~1d"
+
+
+def test_a_new_epoch_moves_the_clients_cursor_to_its_start() -> None:
+    run, out = stream(frames(spawned(ROOT, None), text(ROOT, "a"), text(ROOT, "b")))
+    out += run.new_epoch("e2")
+    for frame in frames(text(ROOT, "c"), text(ROOT, "d")):
+        out += run.feed(frame, "e2")
+    verify(out)
+    state = apply(None, out)
+    assert state["relay"] == {"epoch": "e2", "seq": 0}  # only text since: recorded in messages
+    body = parse_input(
+        {"threadId": "t", "runId": "r2", "state": state, "messages": client_messages(out)}
+    )
+    assert resume_cursor(body, adopt_state(body.state, RID)) == Cursor(2, "e2")
+    assert contents_of(out) == {message_id(ROOT): "abcd"}  # the same message goes on
+
+
+def contents_of(events: list[dict[str, Any]]) -> dict[str, str]:
+    return {m["id"]: m["content"] for m in client_messages(events) if m["role"] == "assistant"}
