@@ -419,3 +419,58 @@ async def test_a_quiet_stream_carries_heartbeat_comments(start_gateway: Any) -> 
                     break
     assert lines[-1] == ": keep-alive"
     assert resp.headers["cache-control"].startswith("no-cache")
+
+
+async def follow(target: str, *, first: str = "r0", limit: int = 50) -> Events:
+    """Runs on one client until the request's run ends, resuming after every break."""
+    seen: Events = []
+    state: Any = None
+    for n in range(limit):
+        body = run_body(f"{first}-{n}")
+        if state is not None:
+            body.update(state=state, messages=client_messages(seen))
+        try:
+            status, events = await read_run(target, body)
+        except httpx.HTTPError:
+            await asyncio.sleep(0.2)  # the gateway is away: try again
+            continue
+        if status != 200:
+            await asyncio.sleep(0.2)
+            continue
+        verify(events)
+        state = apply(state, events)
+        seen += events
+        if events and events[-1]["type"] == "RUN_FINISHED":
+            return seen
+    raise AssertionError(f"no RUN_FINISHED after {limit} runs")
+
+
+async def test_a_stream_goes_on_across_a_redis_restart(tmp_path: Path, start_gateway: Any) -> None:
+    server = RedisServer(tmp_path / "aof", appendonly=True).start()
+    try:
+        gw = start_gateway(redis_url=server.url)
+        rid, root = str(uuid.uuid4()), str(uuid.uuid4())
+        reader = asyncio.create_task(follow(url(gw, rid)))
+        await eventually(lambda: gw.get("/readyz")[1]["watched_requests"] == 1, 10, "attached")
+        async with RelayClient.from_url(server.url, publish_retry_seconds=30) as pub:
+            await pub.publish(rid, spawned_event(root))
+            await pub.publish_text_deltas(rid, root, [f"before{i} " for i in range(20)])
+            await asyncio.to_thread(server.restart, 0.5)
+            await pub.publish_text_deltas(rid, root, [f"after{i} " for i in range(20)])
+            await pub.publish(
+                rid,
+                {
+                    "type": "agent_completed",
+                    "agent_id": root,
+                    "result_summary": "ok",
+                    "tokens_used": 1,
+                    "duration_ms": 1,
+                },
+            )
+        seen = await asyncio.wait_for(reader, 60)
+        expected = "".join(f"before{i} " for i in range(20)) + "".join(
+            f"after{i} " for i in range(20)
+        )
+        assert contents(seen) == {f"msg-{root}": expected}
+    finally:
+        server.stop()
