@@ -31,8 +31,8 @@ import json
 import logging
 import time
 import uuid
-from collections import deque
-from typing import TYPE_CHECKING, cast
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING, Any, cast
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -77,6 +77,46 @@ def sse(events: list[Event]) -> bytes:
         b"data: " + json.dumps(e, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
         for e in events
     )
+
+
+class FrameCache:
+    """Decoded frames shared by this process's AG-UI streams: one ``json.loads`` per event.
+
+    The writer hands every stream the same frame text object (the hub's
+    :class:`Envelope` holds it), so it is looked up by identity; the cache
+    keeps the text alive, which keeps its id from being reused. Bounded by
+    count and characters, least recently used out first. The mapper never
+    changes a decoded frame.
+
+    >>> cache = FrameCache(2)
+    >>> text = '{"type":"ping"}'
+    >>> cache.decode(text) is cache.decode(text)
+    True
+    """
+
+    def __init__(self, size: int = 4096, chars: int = 8 << 20) -> None:
+        self.size, self.chars, self.held = size, chars, 0
+        self._items: OrderedDict[int, tuple[str, dict[str, Any]]] = OrderedDict()
+
+    def decode(self, text: str) -> dict[str, Any]:
+        """The decoded frame (decoded once while it is cached)."""
+        key = id(text)
+        hit = self._items.get(key)
+        if hit is not None and hit[0] is text:
+            self._items.move_to_end(key)
+            return hit[1]
+        frame: dict[str, Any] = json.loads(text)
+        if hit is not None:
+            self.held -= len(hit[0])  # a dead text's id, reused
+        self._items[key] = (text, frame)
+        self.held += len(text)
+        while self._items and (len(self._items) > self.size or self.held > self.chars):
+            self.held -= len(self._items.popitem(last=False)[1][0])
+        return frame
+
+
+FRAMES = FrameCache()
+"""The process's cache (no I/O, no task: created at import like a constant)."""
 
 
 class _Finished(Exception):
@@ -218,7 +258,7 @@ class AguiSession:
         """The writer's output: a relay frame (event or control), as AG-UI events."""
         if self.run.finished:
             raise _Finished
-        frame = json.loads(text)
+        frame = FRAMES.decode(text)
         kind = frame.get("type")
         if kind in EVENT_TYPES and "seq" in frame and frame.get("request_id") == self.rid:
             if self.epoch is None:

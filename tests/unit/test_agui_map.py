@@ -16,6 +16,7 @@ import pytest
 from ag_ui.core import Event as AguiEvent
 from pydantic import TypeAdapter
 
+from relay.gateway.agui import FrameCache
 from relay.wire.agui_input import Cursor, InputError, budget_answers, parse_input, resume_cursor
 from relay.wire.agui_map import AguiRun, message_id, spawn_call_id
 from relay.wire.agui_state import adopt_state, from_relay_snapshot, initial_state, pointer
@@ -551,3 +552,19 @@ def test_a_new_epoch_moves_the_clients_cursor_to_its_start() -> None:
 
 def contents_of(events: list[dict[str, Any]]) -> dict[str, str]:
     return {m["id"]: m["content"] for m in client_messages(events) if m["role"] == "assistant"}
+
+
+def test_streams_of_one_process_decode_each_frame_once() -> None:
+    cache = FrameCache(size=2, chars=100)
+    texts = ['{"type":"a","seq":1}', '{"type":"b","seq":2}', '{"type":"c","seq":3}']
+    first = cache.decode(texts[0])
+    assert cache.decode(texts[0]) is first  # the same object for every stream
+    assert cache.decode(texts[0][:-1] + "}") is not first  # equal text, another object
+    cache.decode(texts[1])
+    cache.decode(texts[2])
+    assert len(cache._items) == 2 and cache.held <= 100
+    assert cache.decode(texts[0]) is not first  # evicted, decoded again
+    big = FrameCache(size=10, chars=30)
+    for t in texts:
+        big.decode(t)
+    assert big.held <= 30
