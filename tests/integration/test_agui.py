@@ -474,3 +474,18 @@ async def test_a_stream_goes_on_across_a_redis_restart(tmp_path: Path, start_gat
         assert contents(seen) == {f"msg-{root}": expected}
     finally:
         server.stop()
+
+
+async def test_a_stream_ends_when_its_token_expires(start_gateway: Any) -> None:
+    gw = start_gateway({**jwt_env(), "RELAY_AUTH_LEEWAY_SECONDS": "0"})
+    short = mint_token(SECRET, tenant="default", caps=("view",), sub="ops", ttl_seconds=2)
+    status, events = await read_run(
+        url(gw, str(uuid.uuid4())), run_body("r"), headers={"Authorization": f"Bearer {short}"}
+    )
+    assert status == 200
+    verify(events)
+    assert events[-1] == {
+        "type": "RUN_ERROR",
+        "message": "token expired",
+        "code": "relay.token_expired",
+    }
