@@ -246,9 +246,9 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
+        Route("/agui/requests/{request_id}", agui_route, methods=["POST"]),
         Route("/api/v1/agents/{target_id}/cancel", cancel_route, methods=["POST"]),
         Route("/api/v1/requests/{request_id}/budget", budget_route, methods=["POST"]),
-        Route("/agui/requests/{request_id}", agui_route, methods=["POST"]),
         *console_routes(),
     ]
     allowed = cfg.auth.allowed_origins
