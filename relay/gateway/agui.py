@@ -199,19 +199,34 @@ class AguiSession:
                 raise CommandError("ahead_of_stream", f"seq {cursor.seq} is past the stream")
             else:
                 last = cursor.seq
-        if last < pos.seq and not await self._history_reaches(last + 1):
+        snap = None
+        if last == 0 and cursor is None and pos.seq:
+            # A first attach renders from the snapshot when it carries every
+            # agent's whole text (compact catch-up), else replays history.
+            snap = await store.snapshot(rid)
+            texts = snap.get("texts")
+            whole = isinstance(texts, dict) and not any(
+                isinstance(t, dict) and t.get("truncated") for t in texts.values()
+            )
+            if not whole or snap.get("text_seq", snap["seq"]) != snap["seq"]:
+                snap = None
+        if snap is None and last < pos.seq and not await self._history_reaches(last + 1):
             # History no longer covers the client's position (or the start):
             # the state comes from the snapshot, the text from there on.
             snap = await store.snapshot(rid)
+            notices.append(self.run.notice("history_trimmed", {"from_seq": snap["seq"]}))
+        if snap is not None:
             state = from_relay_snapshot(snap)
             last = state["relay"]["seq"]
-            notices.append(self.run.notice("history_trimmed", {"from_seq": last}))
+            self.run.state = state
+            if isinstance(snap.get("texts"), dict):
+                notices += self.run.texts_so_far(snap["texts"], last, pos.epoch)
         state["relay"] = {"epoch": pos.epoch, "seq": last}
         self.run.state = state
-        first = self.run.start()
+        first = self.run.start(notices)
         if self.run.finished:
-            return first + notices
-        first += notices + await self._answer(resumed=cursor is not None)
+            return first
+        first += await self._answer(resumed=cursor is not None)
         if not self.run.finished:
             self.queue.push_control(Begin(rid, pos.epoch, last, [], pos.seq))
         return first

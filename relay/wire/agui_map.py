@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from relay.wire.agui_events import (
@@ -72,20 +73,24 @@ class AguiRun:
         """The last seq applied to the state."""
         return int(self.state["relay"]["seq"])
 
-    def start(self) -> list[Event]:
-        """``RUN_STARTED``, the state, and the subagents still running (or the end)."""
+    def start(self, extra: list[Event] | None = None) -> list[Event]:
+        """``RUN_STARTED``, the state, the subagents still running, ``extra`` (or the end).
+
+        ``extra`` (notices, the text so far) goes before the end when the
+        state already records the outcome.
+        """
         out = [
             event("RUN_STARTED", threadId=self.thread_id, runId=self.run_id),
-            event("STATE_SNAPSHOT", snapshot=self.state),
+            event("STATE_SNAPSHOT", snapshot=copy.deepcopy(self.state)),
         ]
         outcome = self.state.get("outcome")
         if isinstance(outcome, dict):
-            return out + self.finish(outcome.get("status"), outcome.get("agent_id"))
+            return out + (extra or []) + self.finish(outcome.get("status"), outcome.get("agent_id"))
         agents: dict[str, dict[str, Json]] = self.state["agents"]
         for agent in sorted(agents.values(), key=lambda a: int(a.get("depth") or 0)):
             if agent.get("parent_id") is not None and agent.get("status") not in TERMINAL:
                 out.append(self.subagent_started(agent))
-        return out
+        return out + (extra or [])
 
     def error(self, code: str, message: str) -> list[Event]:
         """End the run with ``RUN_ERROR`` (the client may start another to go on)."""
@@ -95,6 +100,28 @@ class AguiRun:
     def notice(self, name: str, value: Json) -> Event:
         """A ``CUSTOM`` event ``relay.<name>`` (facts with no AG-UI event of their own)."""
         return event("CUSTOM", name=f"relay.{name}", value=value)
+
+    def texts_so_far(self, texts: dict[str, Json], seq: int, epoch: str | None) -> list[Event]:
+        """Each agent's text so far, from a snapshot's ``texts`` (compact catch-up).
+
+        One ``TEXT_MESSAGE_CONTENT`` per agent, recorded at ``seq`` (the
+        snapshot's ``text_seq``); the message stays open while the agent
+        runs. A text whose head was cut is said so (``CUSTOM relay.text_truncated``).
+        """
+        out: list[Event] = []
+        for aid, entry in texts.items():
+            if not isinstance(entry, dict) or not entry.get("text"):
+                continue
+            if entry.get("truncated"):
+                out.append(
+                    self.notice("text_truncated", {"agent_id": aid, "bytes": entry.get("bytes")})
+                )
+            frame = {"agent_id": aid, "text": entry["text"]}
+            out += self._text(frame, epoch, seq, None)
+            agent = self.state["agents"].get(aid) or {}
+            if agent.get("status") in TERMINAL:
+                out += self.end_text(aid)
+        return out
 
     def new_epoch(self, epoch: str | None) -> list[Event]:
         """The stream restarted in a new epoch (Redis lost it): its seqs start over."""
@@ -127,7 +154,7 @@ class AguiRun:
             expiresAt=pause["expires_at"],
             metadata={"relay": {"request_id": self.state["request_id"], **pause}},
         )
-        out.append(event("STATE_SNAPSHOT", snapshot=self.state))
+        out.append(event("STATE_SNAPSHOT", snapshot=copy.deepcopy(self.state)))
         out.append(
             event(
                 "RUN_FINISHED",

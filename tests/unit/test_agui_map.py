@@ -568,3 +568,48 @@ def test_streams_of_one_process_decode_each_frame_once() -> None:
     for t in texts:
         big.decode(t)
     assert big.held <= 30
+
+
+def test_a_snapshots_text_so_far_opens_each_agents_message() -> None:
+    first, _ = stream(frames(spawned(ROOT, None), spawned(CHILD, ROOT, 1), text(CHILD, "x")))
+    state = copy.deepcopy(first.state)
+    run = AguiRun("t", "r2", state)
+    texts = {
+        CHILD: {"text": "so far", "truncated": False, "bytes": 6},
+        ROOT: {"text": "...tail", "truncated": True, "bytes": 900},
+    }
+    out = run.start(run.texts_so_far(texts, 3, EPOCH))
+    for frame in frames(text(CHILD, " and more"), completed(CHILD), completed(ROOT), start=4):
+        out += run.feed(frame, EPOCH)
+    verify(out)
+    assert contents_of(out) == {message_id(CHILD): "so far and more", message_id(ROOT): "...tail"}
+    assert {
+        "type": "CUSTOM",
+        "name": "relay.text_truncated",
+        "value": {"agent_id": ROOT, "bytes": 900},
+    } in out
+    body = parse_input(
+        {
+            "threadId": "t",
+            "runId": "r3",
+            "state": apply(None, out[:6]),
+            "messages": client_messages(out[:6]),
+        }
+    )
+    assert resume_cursor(body, adopt_state(body.state, RID)) == Cursor(3, EPOCH)
+
+
+def test_the_text_so_far_of_a_finished_request_comes_before_its_end() -> None:
+    done, _ = stream(EVERY_TYPE)
+    run = AguiRun("t", "r2", copy.deepcopy(done.state))
+    texts = {ROOT: {"text": "Plan: answer.", "truncated": False, "bytes": 13}}
+    out = run.start(run.texts_so_far(texts, len(EVERY_TYPE), EPOCH))
+    verify(out)
+    assert [e["type"] for e in out] == [
+        "RUN_STARTED",
+        "STATE_SNAPSHOT",
+        "TEXT_MESSAGE_START",
+        "TEXT_MESSAGE_CONTENT",
+        "TEXT_MESSAGE_END",
+        "RUN_FINISHED",
+    ]
