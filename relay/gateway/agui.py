@@ -26,33 +26,25 @@ Example (a curl client)::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-import uuid
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, cast
 
-from redis.exceptions import RedisError
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Send
 from starlette.websockets import WebSocket
 
-from relay.aio import stop_task
-from relay.gateway.auth import AuthError, Principal, bearer
+from relay.gateway.auth import Principal
 from relay.gateway.envelope import Envelope, history_seq
-from relay.gateway.guard import HttpRefusal, require_json
-from relay.gateway.hub import HubUnavailable, TenantHub
-from relay.gateway.limits import read_body, subject_key
+from relay.gateway.hub import TenantHub
 from relay.gateway.sendqueue import Begin, Reset, SendQueue
 from relay.gateway.writer import OrderedWriter
 from relay.logs import LogOnce
-from relay.wire.agui_input import InputError, RunInput, budget_answers, parse_input, resume_cursor
+from relay.wire.agui_input import RunInput, budget_answers, resume_cursor
 from relay.wire.agui_map import AguiRun, Event
 from relay.wire.agui_state import adopt_state, from_relay_snapshot, initial_state
-from relay.wire.commands import CommandError, load_object
+from relay.wire.commands import CommandError
 from relay.wire.events import EVENT_TYPES
 
 if TYPE_CHECKING:
@@ -119,7 +111,7 @@ FRAMES = FrameCache()
 """The process's cache (no I/O, no task: created at import like a constant)."""
 
 
-class _Finished(Exception):
+class Finished(Exception):
     """The run ended (RUN_FINISHED / RUN_ERROR written): stop the writer."""
 
 
@@ -272,7 +264,7 @@ class AguiSession:
     async def send_text(self, text: str) -> None:
         """The writer's output: a relay frame (event or control), as AG-UI events."""
         if self.run.finished:
-            raise _Finished
+            raise Finished
         frame = FRAMES.decode(text)
         kind = frame.get("type")
         if kind in EVENT_TYPES and "seq" in frame and frame.get("request_id") == self.rid:
@@ -297,7 +289,7 @@ class AguiSession:
         await self.write(events)
         if self.run.finished:
             self.done.set()
-            raise _Finished
+            raise Finished
 
     async def write(self, events: list[Event]) -> None:
         """Send ``events`` as one chunk."""
@@ -323,122 +315,3 @@ class AguiSession:
             return
         await asyncio.sleep(max(0.0, exp + self.svc.config.auth.leeway_seconds - time.time()))
         await self.write(self.run.error("relay.token_expired", "token expired"))
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class AguiStream(Response):
-    """The streaming response: runs the session until its run ends or the client leaves."""
-
-    def __init__(self, session: AguiSession, first: list[Event], limit_key: str) -> None:
-        super().__init__(status_code=200, headers=SSE_HEADERS)
-        # A stream has no length: chunked transfer (Response sets content-length: 0).
-        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
-        self.session, self.first, self.limit_key = session, first, limit_key
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        s = self.session
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            s.send = send
-            await s.write(self.first)
-            if s.run.finished:
-                return
-            hold, s.hold = s.hold or deque(), None
-            for env in hold:
-                s.queue.push_event(env)
-            tasks = [
-                asyncio.create_task(s.writer.run(), name="relay-agui-writer"),
-                asyncio.create_task(s.done.wait(), name="relay-agui-done"),
-                asyncio.create_task(s.queue.overflow.wait(), name="relay-agui-overflow"),
-                asyncio.create_task(_disconnected(receive), name="relay-agui-disconnect"),
-                asyncio.create_task(s.heartbeat(), name="relay-agui-heartbeat"),
-                asyncio.create_task(s.expiry(), name="relay-agui-expiry"),
-            ]
-            try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    exc = None if task.cancelled() else task.exception()
-                    if exc is not None and not isinstance(exc, _Finished | OSError):
-                        s.svc.metrics.internal_errors.labels(where="agui").inc()
-                        log_once(f"agui:{type(exc).__name__}", "AG-UI stream failed", exc=exc)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                for task in tasks:
-                    await stop_task(task)
-        finally:
-            s.queue.close()
-            await s.hub.unwatch(s.rid, s)
-            s.svc.limits.release(self.limit_key)  # limits
-            # An overflow (policy close), an expired token or a failure ends
-            # the response without RUN_FINISHED: the client starts another run.
-            with contextlib.suppress(OSError):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-async def _principal(svc: Services, request: Request) -> Principal:
-    """The WebSocket's rules: ``Authorization: Bearer``, else ``?token=``; 401 without."""
-    if not svc.auth.enabled:
-        return svc.anonymous
-    token = bearer(request.headers.get("authorization")) or request.query_params.get("token")
-    if not token:
-        svc.metrics.auth_failures.labels(reason="missing").inc()
-        raise HttpRefusal(401, "unauthorized", "a bearer token is required")
-    try:
-        return await svc.auth.verify(token)
-    except AuthError as exc:
-        svc.metrics.auth_failures.labels(reason="invalid").inc()
-        raise HttpRefusal(401, "invalid_token", str(exc)) from None
-
-
-async def agui_route(request: Request) -> Response:
-    """``POST /agui/requests/{request_id}``: body ``RunAgentInput``, answer an AG-UI SSE stream."""
-    from relay.gateway.app import services
-
-    svc = services(request)
-    try:
-        rid = str(uuid.UUID(request.path_params["request_id"]))
-    except ValueError:
-        return HttpRefusal(400, "invalid_uuid", "request_id is not a UUID").response()
-    try:
-        require_json(request)
-        principal = await _principal(svc, request)
-        principal.require("view", rid)
-        raw = await read_body(request, svc.config.limits.max_body_bytes)  # limits
-        run = parse_input(load_object(raw) if raw else {})
-        budget_answers(run)  # a malformed answer is refused before anything happens
-    except HttpRefusal as refusal:
-        return refusal.response()
-    except InputError as exc:
-        return HttpRefusal(400, "invalid_field", str(exc)).response()
-    except CommandError as exc:
-        from relay.gateway.app import _error
-
-        return _error(exc)
-    key = subject_key(principal.sub, request.client)
-    if (refused := svc.limits.admit(key)) is not None:  # limits: connections
-        return JSONResponse(
-            {"type": "error", "code": "too_many_connections", "message": refused},
-            status_code=503,
-            headers={"retry-after": "1"},
-        )
-    session = AguiSession(svc, svc.hub.tenant(principal.tenant), principal, rid, run)
-    try:
-        first = await session.prepare()
-    except BaseException as exc:
-        session.queue.close()
-        await session.hub.unwatch(rid, session)
-        svc.limits.release(key)
-        if isinstance(exc, HubUnavailable | RedisError):
-            log.info("AG-UI attach to %s failed: %s", rid, exc)
-            return HttpRefusal(503, "unavailable", "Redis is unavailable; try again").response()
-        if isinstance(exc, InputError):
-            return HttpRefusal(400, "invalid_field", str(exc)).response()
-        if isinstance(exc, CommandError):
-            return HttpRefusal(409, exc.code, exc.message).response()
-        raise
-    return AguiStream(session, first, key)

@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket
 from relay import redisconn
 from relay.config import GlobalConfig, load_config
 from relay.gateway.actions import Actions
-from relay.gateway.agui import agui_route
+from relay.gateway.agui_http import agui_route
 from relay.gateway.auth import (
     CLOSE_POLICY,
     SUBPROTOCOL,

@@ -10,10 +10,14 @@ from typing import Any
 import httpx
 import redis
 
+from relay.gateway.auth import mint_token
 from relay.wire.keys import Keys
-from tests.support import RelayProcess
+from tests.agui_checks import client_messages
+from tests.support import Gateway, RelayProcess
 
 Events = list[dict[str, Any]]
+
+SECRET = "agui-secret-" + "s" * 32
 
 # Long enough to cut midway, short enough for a test; the budget is small
 # enough that the run reaches the warning (a pause) before it ends.
@@ -84,3 +88,32 @@ def texts(frames: Events) -> dict[str, str]:
             key = f"msg-{f['agent_id']}"
             out[key] = out.get(key, "") + f["text"]
     return out
+
+
+def url(gw: Gateway, rid: str) -> str:
+    return f"{gw.http}/agui/requests/{rid}"
+
+
+def contents(events: Events) -> dict[str, str]:
+    return {m["id"]: m["content"] for m in client_messages(events) if m["role"] == "assistant"}
+
+
+def jwt_env() -> dict[str, str]:
+    return {"RELAY_AUTH_MODE": "jwt", "RELAY_AUTH_JWT_SECRET": SECRET}
+
+
+def bearer(caps: tuple[str, ...] = ("view", "cancel", "decide"), **more: Any) -> dict[str, str]:
+    token = mint_token(SECRET, tenant="default", caps=caps, sub="ops", ttl_seconds=600, **more)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def spawned_event(aid: str) -> dict[str, Any]:
+    return {
+        "type": "agent_spawned",
+        "agent_id": aid,
+        "parent_id": None,
+        "task_description": "bulk",
+        "depth": 0,
+        "index": 0,
+        "total": 1,
+    }

@@ -2,8 +2,9 @@
 
 Every event the mapper returns is validated with the official AG-UI models
 (the ``ag-ui-protocol`` package), and the rules the official client's
-``verifyEvents`` enforces that matter here are checked by :func:`verify`.
-The Node test (tests/integration/test_agui_client.py) runs the client itself.
+``verifyEvents`` enforces that matter here are checked
+(:func:`tests.agui_checks.verify`). The Node test
+(tests/integration/test_agui_client.py) runs the client itself.
 """
 
 from __future__ import annotations
@@ -13,16 +14,13 @@ import uuid
 from typing import Any
 
 import pytest
-from ag_ui.core import Event as AguiEvent
-from pydantic import TypeAdapter
 
-from relay.gateway.agui import FrameCache
-from relay.wire.agui_input import Cursor, InputError, budget_answers, parse_input, resume_cursor
+from relay.wire.agui_input import Cursor, parse_input, resume_cursor
 from relay.wire.agui_map import AguiRun, message_id, spawn_call_id
-from relay.wire.agui_state import adopt_state, from_relay_snapshot, initial_state, pointer
+from relay.wire.agui_state import adopt_state, initial_state
 from relay.wire.events import EVENT_TYPES
+from tests.agui_checks import apply, client_messages, verify
 
-ADAPTER: TypeAdapter[Any] = TypeAdapter(AguiEvent)
 RID = str(uuid.uuid4())
 ROOT, CHILD, GRANDCHILD = (str(uuid.uuid4()) for _ in range(3))
 RUN_ID = str(uuid.uuid4())
@@ -130,74 +128,6 @@ EVERY_TYPE = frames(
     text(ROOT, "answer."),
     completed(ROOT),
 )
-
-
-def verify(events: list[dict[str, Any]]) -> None:
-    """The official client's verifyEvents rules that a relay stream can break."""
-    started = finished = False
-    texts: set[str] = set()
-    calls: set[str] = set()
-    active: set[str] = set()
-    ended: set[str] = set()
-    steps: set[str] = set()
-    for i, ev in enumerate(events):
-        ADAPTER.validate_python(ev)  # the official models: shape and types
-        assert None not in ev.values(), f"event {i} carries a null: {ev}"
-        kind = ev["type"]
-        assert not finished, f"event {i} {kind} after the run ended"
-        if i == 0:
-            assert kind in ("RUN_STARTED", "RUN_ERROR")
-            started = True
-        assert started
-        if kind == "TEXT_MESSAGE_START":
-            assert ev["messageId"] not in texts
-            texts.add(ev["messageId"])
-        elif kind in ("TEXT_MESSAGE_CONTENT", "TEXT_MESSAGE_END"):
-            assert ev["messageId"] in texts, f"{kind} of a message not started: {ev}"
-            if kind == "TEXT_MESSAGE_END":
-                texts.discard(ev["messageId"])
-        elif kind == "TOOL_CALL_START":
-            calls.add(ev["toolCallId"])
-        elif kind in ("TOOL_CALL_ARGS", "TOOL_CALL_END"):
-            assert ev["toolCallId"] in calls
-            if kind == "TOOL_CALL_END":
-                calls.discard(ev["toolCallId"])
-        elif kind == "SUBAGENT_STARTED":
-            sid = ev["subagentRunId"]
-            assert sid not in active and sid not in ended
-            parent = ev.get("parentSubagentRunId")
-            assert parent is None or parent in active or parent in ended
-            active.add(sid)
-        elif kind in ("SUBAGENT_FINISHED", "SUBAGENT_ERROR"):
-            assert ev["subagentRunId"] in active
-            active.discard(ev["subagentRunId"])
-            ended.add(ev["subagentRunId"])
-        elif kind == "STEP_STARTED":
-            assert ev["stepName"] not in steps
-            steps.add(ev["stepName"])
-        elif kind == "STEP_FINISHED":
-            steps.remove(ev["stepName"])
-        elif kind == "RUN_FINISHED":
-            assert not texts and not calls and not active and not steps, (texts, active, steps)
-            finished = True
-        elif kind == "RUN_ERROR":
-            finished = True
-
-
-def apply(state: Any, events: list[dict[str, Any]]) -> Any:
-    """What a client's state becomes (STATE_SNAPSHOT replaces, STATE_DELTA patches)."""
-    for ev in events:
-        if ev["type"] == "STATE_SNAPSHOT":
-            state = copy.deepcopy(ev["snapshot"])
-        elif ev["type"] == "STATE_DELTA":
-            for op in ev["delta"]:
-                assert op["op"] == "add"
-                parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"][1:].split("/")]
-                target = state
-                for part in parts[:-1]:
-                    target = target[part]
-                target[parts[-1]] = copy.deepcopy(op["value"])
-    return state
 
 
 def stream(
@@ -379,27 +309,6 @@ def test_a_resumed_run_continues_the_clients_state_and_messages() -> None:
         assert apply(client_state, out2) == stream(items)[0].state
 
 
-def client_messages(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The message list a client builds (text messages, with their merged metadata)."""
-    messages: dict[str, dict[str, Any]] = {}
-    for e in events:
-        if e["type"] == "TEXT_MESSAGE_START":
-            messages.setdefault(
-                e["messageId"], {"id": e["messageId"], "role": "assistant", "content": ""}
-            )
-        elif e["type"] == "TEXT_MESSAGE_CONTENT":
-            msg = messages[e["messageId"]]
-            msg["content"] += e["delta"]
-            msg["metadata"] = {**msg.get("metadata", {}), **e["metadata"]}
-        elif e["type"] == "TOOL_CALL_RESULT":
-            messages[e["messageId"]] = {
-                "id": e["messageId"],
-                "role": "tool",
-                "content": e["content"],
-            }
-    return list(messages.values())
-
-
 def test_a_resumed_run_announces_the_subagents_still_running() -> None:
     items = frames(spawned(ROOT, None), spawned(CHILD, ROOT, 1), spawned(GRANDCHILD, CHILD, 2))
     first, _ = stream(items)
@@ -416,123 +325,6 @@ def test_a_state_with_an_outcome_finishes_at_once() -> None:
     out = again.start()
     verify(out)
     assert [e["type"] for e in out] == ["RUN_STARTED", "STATE_SNAPSHOT", "RUN_FINISHED"]
-
-
-def test_the_explicit_cursor_wins_and_bad_ones_are_refused() -> None:
-    body = parse_input(
-        {
-            "threadId": "t",
-            "runId": "r",
-            "messages": [],
-            "forwardedProps": {"relay": {"after_seq": 7, "epoch": "e9"}},
-        }
-    )
-    assert resume_cursor(body, None) == Cursor(7, "e9")
-    assert resume_cursor(parse_input({"threadId": "t", "runId": "r", "messages": []}), None) is None
-    with pytest.raises(InputError, match="after_seq"):
-        resume_cursor(
-            parse_input(
-                {
-                    "threadId": "t",
-                    "runId": "r",
-                    "messages": [],
-                    "forwardedProps": {"relay": {"after_seq": -1}},
-                }
-            ),
-            None,
-        )
-    with pytest.raises(InputError, match="runId"):
-        parse_input({"threadId": "t", "messages": []})
-
-
-def test_messages_of_another_epoch_do_not_move_the_cursor() -> None:
-    state = initial_state(RID, EPOCH, 3)
-    msgs = [
-        {
-            "id": "m",
-            "role": "assistant",
-            "content": "x",
-            "metadata": {"relay": {"epoch": "old", "seq": 99}},
-        }
-    ]
-    body = parse_input({"threadId": "t", "runId": "r", "state": state, "messages": msgs})
-    assert resume_cursor(body, adopt_state(body.state, RID)) == Cursor(3, EPOCH)
-
-
-def test_a_state_of_another_request_is_not_adopted() -> None:
-    assert adopt_state(initial_state(str(uuid.uuid4())), RID) is None
-    assert adopt_state({"anything": 1}, RID) is None
-    assert adopt_state(None, RID) is None
-
-
-def test_budget_answers_come_from_the_resume_input() -> None:
-    body = parse_input(
-        {
-            "threadId": "t",
-            "runId": "r",
-            "messages": [],
-            "resume": [
-                {"interruptId": "p1", "status": "resolved", "payload": {"decision": "stop"}},
-                {"interruptId": "p2", "status": "cancelled"},
-            ],
-        }
-    )
-    answers = budget_answers(body)
-    assert [(a.pause_id, a.decision) for a in answers] == [("p1", "stop"), ("p2", None)]
-    bad = parse_input(
-        {
-            "threadId": "t",
-            "runId": "r",
-            "messages": [],
-            "resume": [{"interruptId": "p1", "status": "resolved", "payload": {"approved": True}}],
-        }
-    )
-    with pytest.raises(InputError, match="decision"):
-        budget_answers(bad)
-
-
-def test_the_state_of_a_relay_snapshot() -> None:
-    snap = {
-        "type": "snapshot",
-        "request_id": RID,
-        "epoch": EPOCH,
-        "seq": 12,
-        "agents": [
-            {
-                "agent_id": ROOT,
-                "parent_id": None,
-                "status": "running",
-                "tokens_used": 1,
-                "task_description": "t",
-                "depth": 0,
-                "spawned_seq": 1,
-                "updated_seq": 2,
-            }
-        ],
-        "budget": {
-            "tokens_used": 1,
-            "budget_total": 2,
-            "percentage": 50.0,
-            "seq": 3,
-            "warned": False,
-            "exhausted": False,
-            "completed_agents": None,
-            "incomplete_agents": None,
-        },
-        "pending_decision": PENDING,
-        "last_decision": None,
-        "synthesis_started": False,
-        "outcome": None,
-    }
-    state = from_relay_snapshot(snap)
-    assert state["relay"] == {"epoch": EPOCH, "seq": 12}
-    assert "spawned_seq" not in state["agents"][ROOT]
-    assert state["pending_decision"]["expires_at"] == "1970-01-01T00:00:31.000Z"
-    assert "seq" not in state["budget"]
-
-
-def test_pointers_escape_tilde_and_slash() -> None:
-    assert pointer("a~b", "c/d") == "/a~0b/c~1d"
 
 
 def test_a_new_epoch_moves_the_clients_cursor_to_its_start() -> None:
@@ -552,22 +344,6 @@ def test_a_new_epoch_moves_the_clients_cursor_to_its_start() -> None:
 
 def contents_of(events: list[dict[str, Any]]) -> dict[str, str]:
     return {m["id"]: m["content"] for m in client_messages(events) if m["role"] == "assistant"}
-
-
-def test_streams_of_one_process_decode_each_frame_once() -> None:
-    cache = FrameCache(size=2, chars=100)
-    texts = ['{"type":"a","seq":1}', '{"type":"b","seq":2}', '{"type":"c","seq":3}']
-    first = cache.decode(texts[0])
-    assert cache.decode(texts[0]) is first  # the same object for every stream
-    assert cache.decode(texts[0][:-1] + "}") is not first  # equal text, another object
-    cache.decode(texts[1])
-    cache.decode(texts[2])
-    assert len(cache._items) == 2 and cache.held <= 100
-    assert cache.decode(texts[0]) is not first  # evicted, decoded again
-    big = FrameCache(size=10, chars=30)
-    for t in texts:
-        big.decode(t)
-    assert big.held <= 30
 
 
 def test_a_snapshots_text_so_far_opens_each_agents_message() -> None:
