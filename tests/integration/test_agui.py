@@ -1,7 +1,7 @@
 """``POST /agui/requests/{id}`` against real redis-server and gateway processes.
 
 The AG-UI stream of simulated runs: verified run by run (the official
-models and the client's rules, tests/unit/test_agui_map.py), compared with
+models and the client's rules, tests/agui_checks.py), compared with
 what Redis holds, cut and resumed, paused and answered, and refused the way
 the WebSocket refuses.
 """
