@@ -50,6 +50,7 @@ class AguiStream(Response):
         # A stream has no length: chunked transfer (Response sets content-length: 0).
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.session, self.first, self.limit_key = session, first, limit_key
+        self._released = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         s = self.session
@@ -70,11 +71,13 @@ class AguiStream(Response):
                 asyncio.create_task(s.heartbeat(), name="relay-agui-heartbeat"),
                 asyncio.create_task(s.expiry(), name="relay-agui-expiry"),
             ]
+            failed = False
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     exc = None if task.cancelled() else task.exception()
                     if exc is not None and not isinstance(exc, Finished | OSError):
+                        failed = True
                         s.svc.metrics.internal_errors.labels(where="agui").inc()
                         log_once(f"agui:{type(exc).__name__}", "AG-UI stream failed", exc=exc)
             finally:
@@ -82,14 +85,36 @@ class AguiStream(Response):
                     task.cancel()
                 for task in tasks:
                     await stop_task(task)
+            if not s.run.finished and (failed or s.queue.close_code is not None):
+                # The hub's interest goes first: a client that reads nothing
+                # may keep the last words waiting (as the WebSocket's close).
+                await self._release()
+                await self._last_words(failed)
         finally:
-            s.queue.close()
-            await s.hub.unwatch(s.rid, s)
-            s.svc.limits.release(self.limit_key)  # limits
-            # An overflow (policy close), an expired token or a failure ends
-            # the response without RUN_FINISHED: the client starts another run.
+            await self._release()
             with contextlib.suppress(OSError):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _release(self) -> None:
+        s = self.session
+        if not self._released:  # the synchronous part exactly once, even if cancelled below
+            self._released = True
+            s.queue.close()
+            s.svc.limits.release(self.limit_key)  # limits
+        await s.hub.unwatch(s.rid, s)  # idempotent
+
+    async def _last_words(self, failed: bool) -> None:
+        """Say why the run ends (overflow with policy ``close``, or a defect): the
+        client starts another run, which resumes. A client that reads nothing
+        is waited for at most ``gateway.ping_timeout``."""
+        s = self.session
+        if failed:
+            words = s.run.error("relay.internal_error", "the gateway failed; start another run")
+        else:
+            words = s.run.error("relay.overflow", "too far behind; start another run")
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(s.svc.config.gateway.ping_timeout):
+                await s.write(words)
 
 
 async def _principal(svc: Services, request: Request) -> Principal:

@@ -100,59 +100,85 @@ def dechunk(raw: bytes) -> bytes:
         body, rest = body + rest[:size], rest[size + 2 :]
 
 
+class StalledRun:
+    """An AG-UI run on a socket that reads nothing until :meth:`read_all`."""
+
+    def __init__(self, port: int, rid: str) -> None:
+        self.port, self.rid = port, rid
+
+    async def __aenter__(self) -> StalledRun:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # A small fixed receive buffer: the gateway's send queue fills, not the kernel.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * 1024)
+        self.sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(self.sock, ("127.0.0.1", self.port))
+        self.reader, self.writer = await asyncio.open_connection(sock=self.sock)
+        body = json.dumps(run_body("r1")).encode()
+        self.writer.write(
+            f"POST /agui/requests/{self.rid} HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await self.writer.drain()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.writer.close()
+
+    async def read_all(self) -> Events:
+        """Read on (with a normal buffer) to the end of the response; its events."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        raw = b""
+        async with asyncio.timeout(60):
+            while not raw.endswith(b"\r\n0\r\n\r\n"):
+                data = await self.reader.read(1 << 16)
+                assert data, "the stream ended early"
+                raw += data
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        lines = dechunk(rest).split(b"\n")
+        return [json.loads(line[6:]) for line in lines if line.startswith(b"data: ")]
+
+
+async def flood(redis_url: str, rid: str, root: str, until: Any) -> None:
+    """The root agent, 4,000 deltas of 1 KB, then (once ``until()``) its completion."""
+    async with RelayClient.from_url(redis_url) as pub:
+        await pub.publish(rid, spawned_event(root))
+        for _ in range(40):
+            chunk = [base64.b64encode(os.urandom(750)).decode() for _ in range(100)]
+            await pub.publish_text_deltas(rid, root, chunk)
+        await eventually(until, 20, "the queue policy to apply")
+        done = {"result_summary": "ok", "tokens_used": 1, "duration_ms": 1}
+        await pub.publish(rid, {"type": "agent_completed", "agent_id": root, **done})
+
+
 async def test_a_stalled_stream_follows_the_bounded_queue_policy_and_loses_nothing(
     redis_server: RedisServer, start_gateway: Any
 ) -> None:
     gw = start_gateway()
     rid, root = str(uuid.uuid4()), str(uuid.uuid4())
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    # A small fixed receive buffer: the gateway's send queue fills, not the kernel.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * 1024)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    body = json.dumps(run_body("r1")).encode()
-    writer.write(
-        f"POST /agui/requests/{rid} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    await writer.drain()
-    try:
+    async with StalledRun(gw.port, rid) as run:
         await eventually(lambda: gw.get("/readyz")[1]["watched_requests"] == 1, 10, "attached")
-        async with RelayClient.from_url(redis_server.url) as pub:
-            await pub.publish(rid, spawned_event(root))
-            for _ in range(40):
-                chunk = [base64.b64encode(os.urandom(750)).decode() for _ in range(100)]
-                await pub.publish_text_deltas(rid, root, chunk)
-            await eventually(lambda: metric(gw, "relay_queue_drops_total") > 0, 20, "drops")
-            await pub.publish(
-                rid,
-                {
-                    "type": "agent_completed",
-                    "agent_id": root,
-                    "result_summary": "ok",
-                    "tokens_used": 1,
-                    "duration_ms": 1,
-                },
-            )
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        raw = b""
-        async with asyncio.timeout(60):
-            while not raw.endswith(b"\r\n0\r\n\r\n"):
-                data = await reader.read(1 << 16)
-                assert data, "the stream ended early"
-                raw += data
-    finally:
-        writer.close()
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200")
-    events = [
-        json.loads(line[6:]) for line in dechunk(rest).split(b"\n") if line.startswith(b"data: ")
-    ]
+        await flood(redis_server.url, rid, root, lambda: metric(gw, "relay_queue_drops_total") > 0)
+        events = await run.read_all()
     verify(events)
     assert events[-1]["type"] == "RUN_FINISHED"
     assert contents(events) == texts(history(redis_server.url, rid))
+
+
+async def test_with_policy_close_a_stalled_stream_ends_with_run_error(
+    redis_server: RedisServer, start_gateway: Any
+) -> None:
+    gw = start_gateway({"RELAY_GATEWAY_OVERFLOW_POLICY": "close"})
+    rid, root = str(uuid.uuid4()), str(uuid.uuid4())
+    async with StalledRun(gw.port, rid) as run:
+        await eventually(lambda: gw.get("/readyz")[1]["watched_requests"] == 1, 10, "attached")
+        await flood(
+            redis_server.url, rid, root, lambda: gw.get("/readyz")[1]["watched_requests"] == 0
+        )
+        events = await run.read_all()
+    verify(events)  # a valid run up to its end
+    assert events[-1]["type"] == "RUN_ERROR" and events[-1]["code"] == "relay.overflow"
 
 
 async def test_a_quiet_stream_carries_heartbeat_comments(start_gateway: Any) -> None:
