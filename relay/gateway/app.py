@@ -27,6 +27,7 @@ from starlette.websockets import WebSocket
 from relay import redisconn
 from relay.config import GlobalConfig, load_config
 from relay.gateway.actions import Actions
+from relay.gateway.agui_http import agui_route
 from relay.gateway.auth import (
     CLOSE_POLICY,
     SUBPROTOCOL,
@@ -267,6 +268,7 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
+        Route("/agui/requests/{request_id}", agui_route, methods=["POST"]),
         Route("/api/v1/agents/{target_id}/cancel", cancel_route, methods=["POST"]),
         Route("/api/v1/requests/{request_id}/budget", budget_route, methods=["POST"]),
         *console_routes(),
