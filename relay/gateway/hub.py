@@ -25,6 +25,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from relay import redisconn
 from relay.aio import stop_task
 from relay.config import GlobalConfig
 from relay.gateway.envelope import Envelope, EnvelopeError
@@ -32,6 +33,7 @@ from relay.gateway.metrics import Metrics
 from relay.gateway.pubsub import PubSubLink, SubscribeTimeout
 from relay.gateway.recovery import Backfills
 from relay.gateway.seqtrack import SeqTable, Step
+from relay.gateway.shardlink import ClusterLink
 from relay.gateway.store import RequestStore
 from relay.logs import LogOnce
 from relay.wire.keys import PREFIX, Keys, probe_channel
@@ -398,7 +400,9 @@ class Hub:
         self.gateway_id = uuid.uuid4().hex[:12]
         # Every hub log line names its gateway (a field of its own in JSON logs).
         self.log = logging.LoggerAdapter(log, {"gateway_id": self.gateway_id})
-        self.link = PubSubLink(
+        # On a Redis Cluster: sharded pub/sub, one connection per primary.
+        link_class = ClusterLink if redisconn.is_cluster(pubsub_redis) else PubSubLink
+        self.link = link_class(
             config,
             self.control,
             pubsub_redis,

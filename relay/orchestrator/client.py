@@ -98,7 +98,10 @@ class RelayClient:
         self.history = history or HistoryConfig()
         self.publish_retry_seconds = publish_retry_seconds
         self._owns = owns_connection
-        self._script = script("publish")
+        # On a Redis Cluster: SPUBLISH to the request's channel and to the
+        # firehose shard of its slot, both owned by the node running the script.
+        self._sharded = redisconn.is_cluster(redis)
+        self._script = script("publish", sharded=self._sharded)
         self._publishes = 0
 
     @classmethod
@@ -203,7 +206,7 @@ class RelayClient:
                 self.history.ttl_seconds,
                 self.history.state_ttl_seconds,
                 rk.channel,
-                self.keys.firehose_channel,
+                self.keys.firehose_shard(rid) if self._sharded else self.keys.firehose_channel,
                 publish_id,
                 # On a retry: how far back (ms, Redis clock) the first attempt
                 # can have landed, with room for socket timeouts and skew.
@@ -231,21 +234,41 @@ class RelayClient:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 1.0)
 
+    def _queue_active(self, pipe: Any, rid: str, now_ms: int) -> None:
+        pipe.zadd(self.keys.active, {rid: now_ms})
+        # The index must not outlive the data it points at when publishing stops.
+        pipe.expire(self.keys.active, self.history.ttl_seconds)
+        self._publishes += 1
+        if self._publishes % ACTIVE_TRIM_EVERY == 0:
+            # Keep the activity index to the history's lifetime: requests
+            # idle for longer have nothing left to replay anyway.
+            horizon = now_ms - self.history.ttl_seconds * 1000
+            pipe.zremrangebyscore(self.keys.active, "-inf", horizon)
+
+    async def _run_sharded(self, rid: str, keys: list[str], args: list[Any]) -> Any:
+        # A cluster pipeline refuses scripts, and the activity index lives in
+        # another slot (likely another node) anyway: script and index update
+        # go out at once, each to its node. A failure of either is retried
+        # whole, which the publish id makes safe.
+        pipe = self.redis.pipeline(transaction=False)
+        self._queue_active(pipe, rid, int(time.time() * 1000))
+        result, index = await asyncio.gather(
+            self._script(self.redis, keys, args), pipe.execute(), return_exceptions=True
+        )
+        for outcome in (result, index):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return result
+
     async def _run(self, rid: str, keys: list[str], args: list[Any]) -> Published:
         for _ in range(2):
-            now_ms = int(time.time() * 1000)
-            pipe = self.redis.pipeline(transaction=False)
-            self._script.queue(pipe, keys, args)
-            pipe.zadd(self.keys.active, {rid: now_ms})
-            # The index must not outlive the data it points at when publishing stops.
-            pipe.expire(self.keys.active, self.history.ttl_seconds)
-            self._publishes += 1
-            if self._publishes % ACTIVE_TRIM_EVERY == 0:
-                # Keep the activity index to the history's lifetime: requests
-                # idle for longer have nothing left to replay anyway.
-                horizon = now_ms - self.history.ttl_seconds * 1000
-                pipe.zremrangebyscore(self.keys.active, "-inf", horizon)
-            result, *_ = await pipe.execute(raise_on_error=False)
+            if self._sharded:
+                result = await self._run_sharded(rid, keys, args)
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                self._script.queue(pipe, keys, args)
+                self._queue_active(pipe, rid, int(time.time() * 1000))
+                result, *_ = await pipe.execute(raise_on_error=False)
             if is_noscript(result):
                 await self._script.load(self.redis)
                 continue
