@@ -22,8 +22,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from redis.asyncio import Redis
+from redis.exceptions import ClusterDownError, MasterDownError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import redisconn
@@ -32,7 +32,16 @@ from relay.wire.events import AgentEvent, AgentTextDelta, event_request_id, pars
 from relay.wire.keys import Keys
 from relay.wire.scripts import as_text, is_noscript, script
 
-RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+RETRYABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    # Redis Cluster, while a node restarts or fails over: the slot is served
+    # again in a moment (ResponseError subclasses, so listed before it is caught).
+    ClusterDownError,
+    TryAgainError,
+    MasterDownError,
+)
 RETRY_MARGIN_SECONDS = 60
 """Added to the retry bound when a retry looks for its first attempt in history."""
 ACTIVE_TRIM_EVERY = 256
@@ -217,13 +226,6 @@ class RelayClient:
             ]
             try:
                 return await self._run(rid, rk.script_keys, args)
-            except ResponseError as exc:
-                # The script refused the call ("relay: event N: ...", nothing
-                # written; events are validated here first, so this means a
-                # bug or a script newer than this client) or the server did
-                # (out of memory, a read-only replica, a wrong key type): the
-                # message is kept whole, and retrying will not help.
-                raise PublishError(f"publish to request {rid} refused by Redis: {exc}") from exc
             except RETRYABLE as exc:
                 attempt += 1
                 if time.monotonic() + delay > deadline:
@@ -233,6 +235,13 @@ class RelayClient:
                     ) from exc
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 1.0)
+            except ResponseError as exc:
+                # The script refused the call ("relay: event N: ...", nothing
+                # written; events are validated here first, so this means a
+                # bug or a script newer than this client) or the server did
+                # (out of memory, a read-only replica, a wrong key type): the
+                # message is kept whole, and retrying will not help.
+                raise PublishError(f"publish to request {rid} refused by Redis: {exc}") from exc
 
     def _queue_active(self, pipe: Any, rid: str, now_ms: int) -> None:
         pipe.zadd(self.keys.active, {rid: now_ms})
