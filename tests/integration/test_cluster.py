@@ -35,7 +35,15 @@ from tests.integration.test_control import (
     subscribe,
 )
 from tests.integration.topology_support import RedisClusterProcs, cli
-from tests.support import Gateway, RedisServer, RelayProcess, WsClient, eventually, metric
+from tests.support import (
+    Gateway,
+    RedisServer,
+    RelayProcess,
+    WsClient,
+    eventually,
+    metric,
+    ws_clients,
+)
 
 CLUSTER_ENV = {"RELAY_REDIS_MODE": "cluster"}
 KEYS = Keys()
@@ -130,29 +138,29 @@ async def test_fan_out_over_three_masters_exactly_once_in_order(
     rids = rids_on_every_master(redis_cluster, 2)
     firehoses = [WsClient(gw1.ws_url), WsClient(gw2.ws_url)]
     viewers = [WsClient((gw1, gw2)[i % 2].ws_url) for i in range(len(rids))]
-    async with firehoses[0], firehoses[1], viewers[0], viewers[1], viewers[2], viewers[3]:
-        async with viewers[4], viewers[5]:
-            for client in firehoses:
-                assert (await client.request({"type": "ping"}, "pong"))["type"] == "pong"
-            for client, rid in zip(viewers, rids, strict=True):
-                await subscribe(client, rid)
-            await publish_all(publisher, rids, 40)
-            for client in firehoses:
-                await client.wait_for(lambda c: len(c.events()) == 40 * len(rids), 20)
-            for client, rid in zip(viewers, rids, strict=True):
-                await client.wait_for(lambda c, r=rid: len(c.events(r)) == 40, 20)  # type: ignore[misc]
+    async with ws_clients([c.url for c in firehoses + viewers]) as opened:
+        firehoses, viewers = opened[:2], opened[2:]
+        for client in firehoses:
+            assert (await client.request({"type": "ping"}, "pong"))["type"] == "pong"
+        for client, rid in zip(viewers, rids, strict=True):
+            await subscribe(client, rid)
+        await publish_all(publisher, rids, 40)
+        for client in firehoses:
+            await client.wait_for(lambda c: len(c.events()) == 40 * len(rids), 20)
+        for client, rid in zip(viewers, rids, strict=True):
+            await client.wait_for(lambda c, r=rid: len(c.events(r)) == 40, 20)
 
-            # Each request channel is a shard channel held on its owner only,
-            # and each firehose shard too (both gateways hold the firehose).
-            for rid in rids:
-                owner = redis_cluster.owner(KEYS.request(rid).seq)
-                for node in redis_cluster.nodes:
-                    expected = 1 if node is owner else 0
-                    assert shardnumsub(node, KEYS.request_channel(rid)) in (0, expected)
-                    assert shardnumsub(node, KEYS.firehose_shard(rid)) == 2 * expected
-            # Nothing uses classic (broadcast) pub/sub.
+        # Each firehose shard is held on its owner only, by both gateways; no
+        # request channel is (the tenant-wide stream carries those events).
+        for rid in rids:
+            owner = redis_cluster.owner(KEYS.request(rid).seq)
             for node in redis_cluster.nodes:
-                assert cli(node.port, "PUBSUB", "CHANNELS").split() == []
+                expected = 2 if node is owner else 0
+                assert shardnumsub(node, KEYS.firehose_shard(rid)) == expected
+                assert shardnumsub(node, KEYS.request_channel(rid)) == 0
+        # Nothing uses classic (broadcast) pub/sub.
+        for node in redis_cluster.nodes:
+            assert cli(node.port, "PUBSUB", "CHANNELS").split() == []
 
     for client in firehoses:
         for rid in rids:
@@ -173,6 +181,11 @@ async def test_resume_with_after_seq_on_another_gateway(
             {"type": "subscribe", "request_id": rid, "after_seq": 12}, "subscribed"
         )
         assert reply["type"] == "subscribed", reply
+        # The request channel is a shard channel, held on the owner only.
+        owner = redis_cluster.owner(KEYS.request(rid).seq)
+        for node in redis_cluster.nodes:
+            expected = 1 if node is owner else 0
+            assert shardnumsub(node, KEYS.request_channel(rid)) == expected
         for _ in range(10):
             await publisher.publish(rid, delta())
         await client.wait_for(lambda c: len(c.events(rid)) == 28, 15)
@@ -272,7 +285,7 @@ async def test_a_moved_slot_is_followed_without_loss(
             stop.set()
             await task
         for rid in rids:
-            await firehose.wait_for(lambda c, r=rid: len(c.events(r)) >= counts[r], 20)  # type: ignore[misc]
+            await firehose.wait_for(lambda c, r=rid: len(c.events(r)) >= counts[r], 20)
         await viewer.wait_for(lambda c: len(c.events(moving)) >= counts[moving], 20)
     assert shardnumsub(target, KEYS.request_channel(moving)) == 0  # viewer gone
     for rid in rids:
@@ -302,7 +315,7 @@ async def test_restart_of_one_master_mid_stream_loses_nothing(
             stop.set()
             await task
         for rid in rids:
-            await firehose.wait_for(lambda c, r=rid: len(c.events(r)) >= counts[r], 30)  # type: ignore[misc]
+            await firehose.wait_for(lambda c, r=rid: len(c.events(r)) >= counts[r], 30)
         await viewer.wait_for(lambda c: len(c.events(rids[1])) >= counts[rids[1]], 30)
     for rid in rids:
         assert seq_list(firehose, rid) == list(range(1, counts[rid] + 1))

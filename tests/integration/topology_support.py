@@ -24,26 +24,21 @@ class RedisClusterProcs:
 
     def __init__(self, workdir: Path, masters: int = 3) -> None:
         self.nodes = [
-            RedisServer(
-                workdir / f"node{i}",
-                appendonly=True,
-                extra_args=[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    # A bus port of its own (the default, port + 10000, may be taken or > 65535).
-                    "--cluster-port",
-                    str(free_port()),
-                    # A restart of a few seconds must not mark the node failed.
-                    "--cluster-node-timeout",
-                    "15000",
-                    "--appendfsync",
-                    "everysec",
-                ],
-            )  # fmt: skip
+            RedisServer(workdir / f"node{i}", appendonly=True, extra_args=self._args())
             for i in range(masters)
         ]
+
+    @staticmethod
+    def _args() -> list[str]:
+        return [
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            # A bus port of its own (the default, port + 10000, may be taken or > 65535).
+            "--cluster-port", str(free_port()),
+            # A restart of a few seconds must not mark the node failed.
+            "--cluster-node-timeout", "15000",
+            "--appendfsync", "everysec",
+        ]  # fmt: skip
 
     @property
     def url(self) -> str:
@@ -90,7 +85,7 @@ class RedisClusterProcs:
         return next(n for n in self.nodes if n.port == port)
 
     def move_slot(self, slot: int, source: RedisServer, target: RedisServer) -> None:
-        """Migrate ``slot`` (and its keys) from ``source`` to ``target``, the way resharding does."""
+        """Migrate ``slot`` and its keys from ``source`` to ``target``, as resharding does."""
         src, dst = self.node_id(source), self.node_id(target)
         cli(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", src)
         cli(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst)
@@ -163,7 +158,7 @@ class SentinelGroup:
             )
         for port in self.sentinel_ports:
             wait_for(
-                lambda p=port: "slaves=1" in cli(p, "INFO", "sentinel"),  # type: ignore[misc]
+                lambda p=port: "slaves=1" in cli(p, "INFO", "sentinel"),
                 20,
                 what=f"sentinel {port} sees the replica",
             )
