@@ -40,7 +40,7 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis, RedisCl
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import SlotNotCoveredError
@@ -66,6 +66,23 @@ def redis_config(config: RedisConfig | GlobalConfig) -> RedisConfig:
 def is_cluster(redis: object) -> bool:
     """Whether ``redis`` is a Redis Cluster client (sharded pub/sub, per-slot firehose)."""
     return isinstance(redis, RedisCluster)
+
+
+async def still_on_master(redis: Redis, connection: object) -> bool:
+    """Whether ``connection`` (of ``redis``'s pool) still reaches the master.
+
+    Only a Sentinel-managed client can tell: it asks the Sentinels where the
+    master is now. A failover does not always close the connections to the
+    old master, and a subscriber there keeps receiving (a replica relays
+    what its master publishes) until that replica's link breaks: a
+    subscriber checks this and moves. Anything else answers True.
+    """
+    pool = redis.connection_pool
+    if not isinstance(pool, SentinelConnectionPool):
+        return True
+    address = await pool.get_master_address()  # type: ignore[no-untyped-call]
+    host, port = getattr(connection, "host", None), getattr(connection, "port", None)
+    return (host, port) == tuple(address)
 
 
 def redacted_url(url: str) -> str:
@@ -174,6 +191,20 @@ def _cluster(rc: RedisConfig, kwargs: dict[str, Any]) -> Redis:
     return cast(Redis, cluster)
 
 
+class _SentinelPool(SentinelConnectionPool):
+    """A Sentinel pool that also closes its connections to the Sentinels.
+
+    relay makes one :class:`Sentinel` per client, so closing the client
+    (which disconnects its pool) must close those too.
+    """
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # the client's close, not a master change
+            for sentinel in self.sentinel_manager.sentinels:
+                await sentinel.connection_pool.disconnect()
+
+
 def _sentinel(rc: RedisConfig, kwargs: dict[str, Any]) -> Redis:
     address = sentinel_url(rc.effective_url)
     timeout = kwargs.get("socket_connect_timeout", rc.socket_timeout)
@@ -186,6 +217,7 @@ def _sentinel(rc: RedisConfig, kwargs: dict[str, Any]) -> Redis:
     # failover sends), so retries and reconnects land on the new master.
     master = sentinel.master_for(
         address.master,
+        connection_pool_class=_SentinelPool,
         db=address.db,
         username=address.username,
         password=address.password,

@@ -44,11 +44,8 @@ from relay import redisconn
 from relay.aio import stop_task
 from relay.config import GlobalConfig
 from relay.gateway.metrics import Metrics
-from relay.gateway.pubsub import READ_SLICE, Listener, PubSubLink
+from relay.gateway.pubsub import READ_SLICE, TOPOLOGY_CHECK_S, Listener, PubSubLink
 from relay.wire.keys import PREFIX, SLOTS, Keys, key_slot, probe_shard
-
-TOPOLOGY_CHECK_S = 5.0
-"""How often the slot map is re-read to notice a move that sent no unsubscribe."""
 
 
 @dataclass(slots=True)

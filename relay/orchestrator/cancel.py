@@ -253,3 +253,7 @@ class CancelRegistry:
             if time.monotonic() >= next_poll:
                 await self._check(self._index)
                 next_poll = time.monotonic() + self.poll_interval
+                if not await redisconn.still_on_master(self.redis, pubsub.connection):
+                    # A Sentinel failover left this connection on the old
+                    # master: listen on the new one (the tombstones cover the move).
+                    raise ConnectionError("the master moved (Sentinel failover)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from relay.wire.keys import SLOTS, key_slot
 from tests.support import REDIS_SERVER, RedisServer, free_port, wait_for
@@ -126,6 +127,7 @@ class SentinelGroup:
         )
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
+        self._logs: list[Any] = []
 
     @property
     def url(self) -> str:
@@ -150,7 +152,8 @@ class SentinelGroup:
                 f"sentinel down-after-milliseconds {self.MASTER} 2000\n"
                 f"sentinel failover-timeout {self.MASTER} 10000\n"
             )
-            log = open(folder / "sentinel.log", "ab")  # noqa: SIM115 - owned by the process
+            log = open(folder / "sentinel.log", "ab")  # noqa: SIM115 - closed in stop()
+            self._logs.append(log)
             self.sentinels.append(
                 subprocess.Popen(
                     [REDIS_SERVER, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
@@ -189,5 +192,7 @@ class SentinelGroup:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        for log in self._logs:
+            log.close()
         self.replica.stop()
         self.master.stop()
