@@ -293,6 +293,10 @@ async def test_a_moved_slot_is_followed_without_loss(
     assert seq_list(viewer, moving) == list(range(1, counts[moving] + 1))
     after = [metric(gw, "relay_redis_reconnects_total") for gw in cluster_gateways]
     assert all(a > b for a, b in zip(after, before, strict=True)), "both links were rebuilt"
+    # At once, on Redis's unsubscribe push for the moved slot (the periodic
+    # re-read of the slot map would also notice, seconds later).
+    for gw in cluster_gateways:
+        assert "unsubscribed by Redis (slot moved)" in gw.output()
 
 
 async def test_restart_of_one_master_mid_stream_loses_nothing(

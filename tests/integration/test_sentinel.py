@@ -134,3 +134,38 @@ async def test_forced_failover_mid_stream_loses_nothing_the_new_master_kept(
         await eventually(gw.ready, 20, "gateway ready on the new master")
     finally:
         gw.stop()
+
+
+async def test_subscribers_leave_a_master_the_sentinels_abandoned(
+    sentinels: SentinelGroup, tmp_path: Path
+) -> None:
+    """The old master stays up and keeps its clients (the Sentinels cannot demote
+    it: its REPLICAOF is refused, as when they are partitioned from it). Its
+    subscribers still hear its own publishes, so nothing looks broken; the
+    gateway and the cancel listener move to the new master because they ask
+    the Sentinels where the master is."""
+    old = sentinels.master
+    old.command("ACL", "SETUSER", "default", "-replicaof", "-slaveof")
+    gw = Gateway(sentinels.url, tmp_path / "gateway.log").start()
+    try:
+        async with RelayClient.from_config(RedisConfig(url=sentinels.url)) as client:
+            registry = CancelRegistry(client.redis, client.keys, poll_interval=0.5)
+            await registry.start()
+            try:
+                gateway_id = gw.get("/readyz")[1]["gateway_id"]
+                probe = probe_channel("default", gateway_id)
+                assert numsub(old, probe) == 1
+                assert numsub(old, KEYS.cancel_channel) == 1
+                await asyncio.to_thread(sentinels.failover)
+                new = sentinels.replica
+                assert "role:master" in old.command("INFO", "replication").decode()
+                await eventually(lambda: numsub(new, probe) == 1, 20, "gateway on the new master")
+                await eventually(
+                    lambda: numsub(new, KEYS.cancel_channel) == 1, 20, "listener on the new master"
+                )
+                assert numsub(old, probe) == 0
+                await eventually(gw.ready, 20, "gateway ready on the new master")
+            finally:
+                await registry.close()
+    finally:
+        gw.stop()
