@@ -62,6 +62,7 @@ class RedisConfig(_Section):
     )
     url: str = Field(
         default="",
+        validate_default=True,
         description="redis:// or rediss:// URL; empty means 127.0.0.1:6379 "
         "(`relay demo` starts its own embedded server unless a url is set); "
         "redis+sentinel://host:port,host:port/master_name for Sentinel",
