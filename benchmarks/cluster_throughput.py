@@ -136,11 +136,17 @@ def node_stats(ports: list[int], clustered: bool) -> dict[int, dict[str, int]]:
 
 
 def rids_over(slot_ports: list[int] | None, count: int) -> list[str]:
-    """``count`` request ids; on a cluster, every master owns some."""
-    while True:
-        rids = [str(uuid.uuid4()) for _ in range(count)]
-        if slot_ports is None or {slot_ports[key_slot(r)] for r in rids} == set(slot_ports):
-            return rids
+    """``count`` request ids; on a cluster, as many on each master (round-robin order)."""
+    if slot_ports is None:
+        return [str(uuid.uuid4()) for _ in range(count)]
+    masters = sorted(set(slot_ports))
+    found: dict[int, list[str]] = {m: [] for m in masters}
+    while any(len(v) < count // len(masters) for v in found.values()):
+        rid = str(uuid.uuid4())
+        mine = found[slot_ports[key_slot(rid)]]
+        if len(mine) < count // len(masters):
+            mine.append(rid)
+    return [rid for group in zip(*found.values(), strict=True) for rid in group]
 
 
 def start_clients(urls: list[tuple[str, int]]) -> tuple[mp.process.BaseProcess, Connection]:

@@ -33,8 +33,9 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import cast
 
 from redis.asyncio import Redis, RedisCluster
@@ -57,6 +58,11 @@ class _Node:
     pubsub: PubSub
     probe: str
     probe_rx: float = field(default_factory=time.monotonic)
+
+
+@lru_cache(maxsize=16)  # a few tenants; about 1 MB of names each
+def _firehose_shards(tenant: str) -> tuple[str, ...]:
+    return tuple(Keys(tenant).firehose_shards())
 
 
 def firehose_tenant(channel: str) -> str | None:
@@ -97,8 +103,21 @@ class ClusterLink(PubSubLink):
         out: list[str] = []
         for channel in channels:
             tenant = firehose_tenant(channel)
-            out.extend(Keys(tenant).firehose_shards() if tenant is not None else (channel,))
+            out.extend(_firehose_shards(tenant) if tenant is not None else (channel,))
         return out
+
+    async def wait_live(
+        self,
+        *channels: str,
+        timeout: float | None = None,
+        unless: Callable[[], bool] | None = None,
+    ) -> None:
+        """As :meth:`PubSubLink.wait_live`; a tenant-wide channel gets three times
+        ``redis.socket_timeout`` by default: it is 16384 subscriptions, each
+        confirmed by a message of its own (about 0.5 s per process on loopback)."""
+        if timeout is None and any(firehose_tenant(c) is not None for c in channels):
+            timeout = 3 * self.config.redis.socket_timeout
+        await super().wait_live(*channels, timeout=timeout, unless=unless)
 
     def _grouped(self, channels: Iterable[str]) -> dict[str, dict[int, list[str]]]:
         """Shard channels by owning node and slot (one SSUBSCRIBE per slot)."""
@@ -262,10 +281,12 @@ class ClusterLink(PubSubLink):
             shards = self._shards_live[logical]
             if live:
                 shards.add(channel)
+                if len(shards) < SLOTS:
+                    return  # live once every shard is
             else:
                 shards.discard(channel)
-            if live and len(shards) < SLOTS:
-                return
+                if logical not in self._live:
+                    return  # unsubscribe() already took it out: no waiter to wake
         async with self._live_changed:
             if live:
                 self._live.add(logical)
