@@ -55,6 +55,12 @@ hash=$(printf '%s' "$RELAY_ACL_PASSWORD" | sha256sum | cut -d' ' -f1)
 # Connection set-up: PING (health checks, /readyz), SELECT (a /db other than
 # 0 in the URL). AUTH and HELLO are always allowed.
 common="+ping +select"
+# On a Redis Cluster (redis.mode = "cluster"): the clients read the slot map
+# (CLUSTER SLOTS), the key positions of commands (COMMAND) and follow a
+# migrating slot (ASKING); every channel is a
+# shard channel (SPUBLISH, SSUBSCRIBE, SUNSUBSCRIBE) and the tenant-wide one
+# is split by slot (relay:T:events:{N}). Harmless on one server.
+cluster="+cluster|slots +asking +command"
 
 case "$role" in
   gateway)
@@ -68,6 +74,7 @@ case "$role" in
     cmds="$common +subscribe +unsubscribe +get +mget +exists +hget +hgetall +hvals +hkeys"
     cmds+=" +hexists +xrange +zrangebyscore +zrevrangebyscore +zrevrange +zmscore"
     cmds+=" +set +del +hset +rpush +expire +multi +exec +discard +evalsha +script|load"
+    cmds+=" $cluster +ssubscribe +sunsubscribe"
     keys="" chans="" pubs=""
     # A pattern must grant every permission a command needs on a key (SET ...
     # GET reads and writes), hence %RW, not %W, on what a gateway writes.
@@ -80,7 +87,7 @@ case "$role" in
     # PUBLISH only in a selector, with only the cancel and probe channels: a
     # gateway can subscribe to every channel of its tenants but cannot inject
     # events into them.
-    selector="(+publish$pubs)"
+    selector="(+publish +spublish$pubs)"
     ;;
   orchestrator)
     # publish.lua: TIME GET SET EXISTS DEL HGET HSET XREVRANGE INCR XADD
@@ -89,16 +96,16 @@ case "$role" in
     # HGET GET; cancel checks: GET.
     cmds="$common +evalsha +script|load +time +get +set +exists +del +hget +hset +hsetnx"
     cmds+=" +hincrby +incr +xadd +xrevrange +expire +rpush +blpop +publish"
-    cmds+=" +zadd +zremrangebyscore"
+    cmds+=" +zadd +zremrangebyscore $cluster +spublish"
     keys="" chans="" subs=""
     for t in "$@"; do
       keys+=" %R~relay:$t:* %RW~relay:$t:req:* %RW~relay:$t:active"
-      chans+=" &relay:$t:req:* &relay:$t:events"
+      chans+=" &relay:$t:req:* &relay:$t:events &relay:$t:events:*"
       subs+=" &relay:$t:cancels"
     done
     # SUBSCRIBE only in a selector, with only the cancel channel: an
     # orchestrator publishes events but cannot listen to other requests.
-    selector="(+subscribe +unsubscribe$subs)"
+    selector="(+subscribe +unsubscribe +ssubscribe +sunsubscribe$subs)"
     ;;
   *)
     usage
