@@ -251,13 +251,17 @@ class ClusterLink(PubSubLink):
                     if channel[-1] != "}":
                         listener.on_message(channel, message["data"])
                     elif channel == node.probe:
-                        node.probe_rx = time.monotonic()
-                        self._last_probe_rx = min(n.probe_rx for n in self._nodes.values())
+                        self._heard(node)
                     else:  # a firehose shard: handed over as the tenant-wide channel
                         listener.on_message(channel[: channel.rindex(":")], message["data"])
                 elif kind == "ssubscribe":
+                    # A confirmation proves the socket delivers as well as a
+                    # probe does; a tenant-wide subscription is 16384 of them,
+                    # which can hold the probe up behind them for a while.
+                    self._heard(node)
                     await self._confirmed(channel, True)
                 elif kind == "sunsubscribe":
+                    self._heard(node)
                     if self._leaving.get(channel):
                         self._leaving[channel] -= 1
                         await self._confirmed(channel, False)
@@ -273,6 +277,11 @@ class ClusterLink(PubSubLink):
         except Exception as exc:  # MOVED to a subscribe, a lost connection...
             self.log.warning("pub/sub reader of %s stopped: %s", node.name, exc)
             self._wake.set()
+
+    def _heard(self, node: _Node) -> None:
+        """``node``'s connection delivered: the link is as fresh as its stalest node."""
+        node.probe_rx = time.monotonic()
+        self._last_probe_rx = min(n.probe_rx for n in self._nodes.values())
 
     async def _confirmed(self, channel: str, live: bool) -> None:
         logical = channel
