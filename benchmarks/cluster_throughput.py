@@ -208,10 +208,11 @@ async def run(name: str, folder: Path, args: argparse.Namespace, *, broadcast: b
 
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        await run("one node", Path(tmp) / "one", args, broadcast=False)
-        await run("three shards", Path(tmp) / "three", args, broadcast=False)
+        base = Path(args.logs) if args.logs else Path(tmp)
+        await run("one node", base / "one", args, broadcast=False)
+        await run("three shards", base / "three", args, broadcast=False)
         if args.broadcast:
-            await run("three shards, classic PUBLISH", Path(tmp) / "plain", args, broadcast=True)
+            await run("three shards, classic PUBLISH", base / "plain", args, broadcast=True)
 
 
 if __name__ == "__main__":
@@ -222,4 +223,5 @@ if __name__ == "__main__":
     parser.add_argument("--publishers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=50, help="events per publish_many")
     parser.add_argument("--broadcast", action="store_true", help="also the plain script")
+    parser.add_argument("--logs", help="keep the servers' directories and logs here")
     asyncio.run(main(parser.parse_args()))
