@@ -175,11 +175,28 @@ def _connection_kwargs(rc: RedisConfig, role: Role, **overrides: Any) -> dict[st
     return kwargs
 
 
+class _Cluster(RedisCluster):
+    """RedisCluster that reads the slot map before its first command runs.
+
+    redis-py 8.1 resolves a command's routing policy on the startup node
+    before it initializes; the first initialization then replaces that node
+    and closes its connections under the commands that are using them (they
+    fail with AttributeError or RuntimeError, not a connection error, so
+    nothing retries them). A burst of first commands, as when clients reach
+    a freshly started gateway, hit it every few runs.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
+
+
 def _cluster(rc: RedisConfig, kwargs: dict[str, Any]) -> Redis:
     # Per node: RedisCluster keeps up to max_connections to each node.
     kwargs.pop("retry_on_error", None)
     retry = kwargs.pop("retry", None)
-    cluster = RedisCluster.from_url(
+    cluster = _Cluster.from_url(
         rc.effective_url,
         max_connections=kwargs.pop("max_connections", rc.max_connections),
         # Retries of the cluster client re-read the topology in between, so

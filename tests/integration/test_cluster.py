@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from relay import redisconn
 from relay.config import RedisConfig
 from relay.orchestrator.client import RelayClient
 from relay.tools.simplan import build_plan
@@ -324,3 +325,21 @@ async def test_restart_of_one_master_mid_stream_loses_nothing(
     assert seq_list(viewer, rids[1]) == list(range(1, counts[rids[1]] + 1))
     for gw in cluster_gateways:
         await eventually(gw.ready, 20, f"gateway {gw.port} ready again")
+
+
+async def test_a_burst_of_first_commands_on_a_new_client_all_succeed(
+    redis_cluster: RedisClusterProcs,
+) -> None:
+    """As when clients reach a freshly started gateway: its command client's first
+    commands all at once (redis-py closed connections under some of them)."""
+    failures: list[BaseException] = []
+    for _ in range(30):
+        redis = redisconn.command_client(RedisConfig(mode="cluster", url=redis_cluster.url))
+        rids = [str(uuid.uuid4()) for _ in range(13)]
+        replies = await asyncio.gather(
+            *(redis.mget([KEYS.request(r).seq, KEYS.request(r).epoch]) for r in rids),
+            return_exceptions=True,
+        )
+        failures += [r for r in replies if isinstance(r, BaseException)]
+        await redis.aclose()
+    assert failures == []
