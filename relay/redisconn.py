@@ -68,6 +68,19 @@ def is_cluster(redis: object) -> bool:
     return isinstance(redis, RedisCluster)
 
 
+async def follow_master(redis: Redis) -> None:
+    """Ask the Sentinels where the master is; if it moved, drop ``redis``'s idle
+    connections to the old one (a Sentinel-managed client only; else nothing).
+
+    Connections are only re-resolved when they are made: after a failover
+    the old master may accept writes for a while (until the Sentinels demote
+    it), and what a pooled connection writes there is lost.
+    """
+    pool = redis.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        await pool.get_master_address()  # type: ignore[no-untyped-call]
+
+
 async def still_on_master(redis: Redis, connection: object) -> bool:
     """Whether ``connection`` (of ``redis``'s pool) still reaches the master.
 

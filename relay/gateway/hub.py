@@ -411,6 +411,8 @@ class Hub:
             probe_channel(config.redis.tenant, self.gateway_id),
             self.log,
         )
+        # After a Sentinel failover the command pool follows the master too.
+        self.link.also_follow.append(redis)
         self._tenants: dict[str, TenantHub] = {}
         self.default = self.tenant(config.redis.tenant)
 

@@ -91,6 +91,8 @@ class PubSubLink:
         self._supervisor: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.reconnects = 0
+        self.also_follow: list[Redis] = []
+        """Clients whose pools move with the master when it moves (Sentinel)."""
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -307,6 +309,8 @@ class PubSubLink:
         """After a Sentinel failover: still subscribed on the old master (now a replica)?"""
         connection = self._pubsub.connection if self._pubsub is not None else None
         try:
+            for client in (self.redis, *self.also_follow):
+                await redisconn.follow_master(client)
             moved = not await redisconn.still_on_master(self._pubsub_redis, connection)
         except Exception as exc:
             self.log.warning("could not ask the Sentinels for the master: %s", exc)

@@ -13,6 +13,7 @@ exhausted :class:`PublishError` is raised: an event is never dropped silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -22,7 +23,13 @@ from types import TracebackType
 from typing import Any, Self
 
 from redis.asyncio import Redis
-from redis.exceptions import ClusterDownError, MasterDownError, ResponseError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -44,6 +51,8 @@ RETRYABLE = (
 )
 RETRY_MARGIN_SECONDS = 60
 """Added to the retry bound when a retry looks for its first attempt in history."""
+MASTER_CHECK_S = 5.0
+"""How often a Sentinel-managed client asks where the master is (besides reconnects)."""
 ACTIVE_TRIM_EVERY = 256
 """Publishes per client between trims of the tenant's activity index."""
 
@@ -111,6 +120,7 @@ class RelayClient:
         # firehose shard of its slot, both owned by the node running the script.
         self._sharded = redisconn.is_cluster(redis)
         self._script = script("publish", sharded=self._sharded)
+        self._master_checked = time.monotonic()
         self._publishes = 0
 
     @classmethod
@@ -270,6 +280,12 @@ class RelayClient:
         return result
 
     async def _run(self, rid: str, keys: list[str], args: list[Any]) -> Published:
+        if time.monotonic() - self._master_checked > MASTER_CHECK_S:
+            # Sentinel: pooled connections may still reach a master that was
+            # replaced (it takes writes until it is demoted, then loses them).
+            self._master_checked = time.monotonic()
+            with contextlib.suppress(RedisError):  # the publish itself will tell
+                await redisconn.follow_master(self.redis)
         for _ in range(2):
             if self._sharded:
                 result = await self._run_sharded(rid, keys, args)
