@@ -76,7 +76,7 @@ async def follow_master(redis: Redis) -> None:
     the old master may accept writes for a while (until the Sentinels demote
     it), and what a pooled connection writes there is lost.
     """
-    pool = redis.connection_pool
+    pool = getattr(redis, "connection_pool", None)  # a cluster client has none
     if isinstance(pool, SentinelConnectionPool):
         await pool.get_master_address()  # type: ignore[no-untyped-call]
 
@@ -90,7 +90,7 @@ async def still_on_master(redis: Redis, connection: object) -> bool:
     what its master publishes) until that replica's link breaks: a
     subscriber checks this and moves. Anything else answers True.
     """
-    pool = redis.connection_pool
+    pool = getattr(redis, "connection_pool", None)  # a cluster client has none
     if not isinstance(pool, SentinelConnectionPool):
         return True
     address = await pool.get_master_address()  # type: ignore[no-untyped-call]
