@@ -264,21 +264,6 @@ class RelayClient:
             horizon = now_ms - self.history.ttl_seconds * 1000
             pipe.zremrangebyscore(self.keys.active, "-inf", horizon)
 
-    async def _run_sharded(self, rid: str, keys: list[str], args: list[Any]) -> Any:
-        # A cluster pipeline refuses scripts, and the activity index lives in
-        # another slot (likely another node) anyway: script and index update
-        # go out at once, each to its node. A failure of either is retried
-        # whole, which the publish id makes safe.
-        pipe = self.redis.pipeline(transaction=False)
-        self._queue_active(pipe, rid, int(time.time() * 1000))
-        result, index = await asyncio.gather(
-            self._script(self.redis, keys, args), pipe.execute(), return_exceptions=True
-        )
-        for outcome in (result, index):
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return result
-
     async def _run(self, rid: str, keys: list[str], args: list[Any]) -> Published:
         if time.monotonic() - self._master_checked > MASTER_CHECK_S:
             # Sentinel: pooled connections may still reach a master that was
@@ -287,13 +272,12 @@ class RelayClient:
             with contextlib.suppress(RedisError):  # the publish itself will tell
                 await redisconn.follow_master(self.redis)
         for _ in range(2):
-            if self._sharded:
-                result = await self._run_sharded(rid, keys, args)
-            else:
-                pipe = self.redis.pipeline(transaction=False)
-                self._script.queue(pipe, keys, args)
-                self._queue_active(pipe, rid, int(time.time() * 1000))
-                result, *_ = await pipe.execute(raise_on_error=False)
+            # On a cluster the pipeline sends the script and the activity
+            # index update to their own nodes (they are in different slots).
+            pipe = self.redis.pipeline(transaction=False)
+            self._script.queue(pipe, keys, args)
+            self._queue_active(pipe, rid, int(time.time() * 1000))
+            result, *_ = await pipe.execute(raise_on_error=False)
             if is_noscript(result):
                 await self._script.load(self.redis)
                 continue

@@ -53,8 +53,13 @@ class LuaScript:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
 
     def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
-        """Add an EVALSHA of this script to a pipeline (see :func:`is_noscript`)."""
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        """Add an EVALSHA of this script to a pipeline (see :func:`is_noscript`).
+
+        Queued as a plain command: redis-py's cluster pipeline refuses its
+        ``evalsha`` method, but routes an EVALSHA command by its keys, which
+        share one slot in every relay script.
+        """
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def load(self, redis: Redis) -> None:
         """SCRIPT LOAD the source; idempotent."""

@@ -17,7 +17,7 @@ from relay.gateway.metrics import Metrics
 from relay.gateway.pubsub import PubSubLink
 from relay.gateway.shardlink import ClusterLink, firehose_tenant
 from relay.orchestrator.budget import RequestBudget, answer_budget
-from relay.orchestrator.client import RelayClient
+from relay.orchestrator.client import Published, RelayClient
 from relay.wire.keys import SLOTS, Keys, key_slot, probe_channel, probe_shard, slot_tag
 from relay.wire.scripts import PUBLISH_LINE, SHARDED_PUBLISH_LINE, LuaScript, script, script_names
 from tests.unit.test_cancel_budget import open_pause
@@ -167,11 +167,11 @@ async def test_a_cluster_client_publishes_to_the_firehose_shard(
     redis = redisconn.client(RedisConfig(mode="cluster", url="redis://127.0.0.1:7000"))
     client = RelayClient(redis, owns_connection=False)
 
-    async def run_sharded(rid: str, keys: list[str], args: list[Any]) -> Any:
+    async def run(rid: str, keys: list[str], args: list[Any]) -> Published:
         seen.append(args)
-        return [b"e", b"1", 1, 1]
+        return Published(first_seq=1, last_seq=1, epoch="e", ts=1)
 
-    monkeypatch.setattr(client, "_run_sharded", run_sharded)
+    monkeypatch.setattr(client, "_run", run)
     rid = str(uuid.uuid4())
     await client.publish(rid, {"type": "agent_text_delta", "agent_id": rid, "text": "x"})
     assert client._script.sharded
