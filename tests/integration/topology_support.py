@@ -47,6 +47,13 @@ class RedisClusterProcs:
         return self.nodes[0].url.removesuffix("/0")
 
     def start(self) -> RedisClusterProcs:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # what did start, so no server outlives a failed fixture
+            raise
+
+    def _start(self) -> RedisClusterProcs:
         for node in self.nodes:
             node.start()
         subprocess.run(
@@ -143,6 +150,13 @@ class SentinelGroup:
         return f"redis+sentinel://{hosts}/{self.MASTER}"
 
     def start(self) -> SentinelGroup:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> SentinelGroup:
         self.master.start()
         self.replica.start()
         wait_for(
