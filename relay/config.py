@@ -17,7 +17,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -51,14 +51,24 @@ class RedisConfig(_Section):
     ``unix://``) they are an error rather than ignored, so a CA file in the
     config never hides a plain-text connection.
 
+    ``mode`` says what the URL names: one server (``standalone``), any node
+    of a Redis Cluster (``cluster``), or the Sentinels that watch a master
+    (``sentinel``, with ``redis+sentinel://host:port,host:port/master_name``;
+    a URL of that form alone selects it).
+
     >>> RedisConfig(url="rediss://redis.internal:6380/0", tls_ca_file="ca.pem").tenant
     'default'
     """
 
+    mode: Literal["standalone", "cluster", "sentinel"] = Field(
+        default="standalone", validate_default=True
+    )
     url: str = Field(
         default="",
+        validate_default=True,
         description="redis:// or rediss:// URL; empty means 127.0.0.1:6379 "
-        "(`relay demo` starts its own embedded server unless a url is set)",
+        "(`relay demo` starts its own embedded server unless a url is set); "
+        "redis+sentinel://host:port,host:port/master_name for Sentinel",
     )
     tenant: str = "default"
     tenants: list[str] = Field(
@@ -74,11 +84,35 @@ class RedisConfig(_Section):
     tls_cert_file: str = Field(default="", validate_default=True)
     tls_key_file: str = Field(default="", validate_default=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_from_url(cls, data: Any) -> Any:
+        # A redis+sentinel:// URL names Sentinels, never a server: it selects
+        # sentinel mode unless a mode was set (then a mismatch is an error).
+        if isinstance(data, dict) and "mode" not in data:
+            url = data.get("url")
+            if isinstance(url, str) and url.startswith(SENTINEL_SCHEME):
+                return {**data, "mode": "sentinel"}
+        return data
+
     @field_validator("url")
     @classmethod
-    def _scheme(cls, value: str) -> str:
+    def _scheme(cls, value: str, info: ValidationInfo) -> str:
+        mode = info.data.get("mode", "standalone")
+        if mode == "sentinel":
+            sentinel_url(value)  # raises naming what is wrong
+            return value
+        if value.startswith(SENTINEL_SCHEME):
+            raise ValueError(f'a {SENTINEL_SCHEME} url needs redis.mode = "sentinel", not {mode!r}')
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        if mode == "cluster":
+            if value.startswith("unix://"):
+                raise ValueError(
+                    'redis.mode = "cluster" needs a redis:// or rediss:// url of a node'
+                )
+            if urlsplit(value).path.strip("/") not in ("", "0"):
+                raise ValueError("a Redis Cluster has database 0 only: drop the /<db> part")
         if value:
             try:
                 parts = urlsplit(value)
@@ -166,6 +200,62 @@ class RedisConfig(_Section):
     @property
     def effective_url(self) -> str:
         return self.url or "redis://127.0.0.1:6379/0"
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+class SentinelAddress(BaseModel):
+    """What a ``redis+sentinel://`` URL names: the Sentinels, the master's name, db and auth."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sentinels: list[tuple[str, int]]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def sentinel_url(url: str) -> SentinelAddress:
+    """Parse ``redis+sentinel://[user:password@]host:port[,host:port...]/master_name[/db]``.
+
+    The user and password are the master's (its ACL user); the Sentinels are
+    asked without them. Raises ``ValueError`` naming what is wrong.
+
+    >>> sentinel_url("redis+sentinel://s1:26379,s2:26379/mymaster").sentinels
+    [('s1', 26379), ('s2', 26379)]
+    """
+    if not url.startswith(SENTINEL_SCHEME):
+        raise ValueError(
+            f'redis.mode = "sentinel" needs a url {SENTINEL_SCHEME}host:port[,host:port...]'
+            "/master_name"
+        )
+    rest = url[len(SENTINEL_SCHEME) :]
+    netloc, _, path = rest.partition("/")
+    auth, _, hosts = netloc.rpartition("@")
+    username = password = None
+    if auth:
+        user, sep, pw = auth.partition(":")
+        username, password = (unquote(user) or None, unquote(pw)) if sep else (None, unquote(user))
+    sentinels: list[tuple[str, int]] = []
+    for part in hosts.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"sentinel address {part.strip()!r} is not host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    master, _, db = path.partition("/")
+    if not master:
+        raise ValueError("names no master: end it with /<master_name> (as in sentinel.conf)")
+    if db and not db.isdigit():
+        raise ValueError(f"database {db!r} is not a number")
+    return SentinelAddress(
+        sentinels=sentinels,
+        master=master,
+        db=int(db or 0),
+        username=username,
+        password=password,
+    )
 
 
 def _needs_tls(info: ValidationInfo) -> None:

@@ -80,11 +80,20 @@ async def eventually(predicate: Any, timeout: float, what: str, interval: float 
 class RedisServer:
     """A redis-server process on a free port, restartable on the same port and dir."""
 
-    def __init__(self, workdir: Path, *, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        appendonly: bool = False,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.extra_args = list(extra_args)
+        """More redis-server arguments (cluster mode, replicaof, ...)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -110,6 +119,7 @@ class RedisServer:
             "no",
             "--logfile",
             str(self.workdir / "redis.log"),
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, 10, what=f"redis-server on {self.port}")

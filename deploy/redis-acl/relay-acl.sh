@@ -61,6 +61,12 @@ hash=$(printf '%s' "$RELAY_ACL_PASSWORD" | sha256sum | cut -d' ' -f1)
 # Connection set-up: PING (health checks, /readyz), SELECT (a /db other than
 # 0 in the URL). AUTH and HELLO are always allowed.
 common="+ping +select"
+# On a Redis Cluster (redis.mode = "cluster"): the clients read the slot map
+# (CLUSTER SLOTS), the key positions of commands (COMMAND) and follow a
+# migrating slot (ASKING); every channel is a
+# shard channel (SPUBLISH, SSUBSCRIBE, SUNSUBSCRIBE) and the tenant-wide one
+# is split by slot (relay:T:events:{N}). Harmless on one server.
+cluster="+cluster|slots +asking +command"
 
 case "$role" in
   gateway)
@@ -74,6 +80,7 @@ case "$role" in
     cmds="$common +subscribe +unsubscribe +get +mget +exists +hget +hgetall +hvals +hkeys"
     cmds+=" +hexists +xrange +zrangebyscore +zrevrangebyscore +zrevrange +zmscore"
     cmds+=" +set +del +hset +rpush +expire +multi +exec +discard +evalsha +script|load"
+    cmds+=" $cluster +ssubscribe +sunsubscribe"
     keys="" chans="" pubs=""
     # A pattern must grant every permission a command needs on a key (SET ...
     # GET reads and writes), hence %RW, not %W, on what a gateway writes.
@@ -86,7 +93,7 @@ case "$role" in
     # PUBLISH only in a selector, with only the cancel and probe channels: a
     # gateway can subscribe to every channel of its tenants but cannot inject
     # events into them.
-    selector="(+publish$pubs)"
+    selector="(+publish +spublish$pubs)"
     ;;
   orchestrator)
     # publish.lua: TIME GET SET EXISTS DEL HGET HMGET HSET XREVRANGE INCR
@@ -96,17 +103,17 @@ case "$role" in
     # and its pipelines): ZSCORE ZADD HMGET HDEL SADD SREM EXPIRE, ZREM on close.
     cmds="$common +evalsha +script|load +time +get +set +exists +del +hget +hmget +hset"
     cmds+=" +hsetnx +hdel +hincrby +incr +xadd +xrevrange +expire +rpush +blpop +publish"
-    cmds+=" +zadd +zremrangebyscore +zscore +zrem +sadd +srem"
+    cmds+=" +zadd +zremrangebyscore +zscore +zrem +sadd +srem $cluster +spublish"
     keys="" chans="" subs=""
     for t in "$@"; do
       keys+=" %R~relay:$t:* %RW~relay:$t:req:* %RW~relay:$t:active"
       keys+=" %RW~relay:$t:leases:* %RW~relay:$t:orch:*"
-      chans+=" &relay:$t:req:* &relay:$t:events"
+      chans+=" &relay:$t:req:* &relay:$t:events &relay:$t:events:*"
       subs+=" &relay:$t:cancels"
     done
     # SUBSCRIBE only in a selector, with only the cancel channel: an
     # orchestrator publishes events but cannot listen to other requests.
-    selector="(+subscribe +unsubscribe$subs)"
+    selector="(+subscribe +unsubscribe +ssubscribe +sunsubscribe$subs)"
     ;;
   reaper)
     # lease_due.lua: TIME ZRANGEBYSCORE ZSCORE ZADD ZREMRANGEBYSCORE; an
@@ -117,10 +124,11 @@ case "$role" in
     cmds="$common +evalsha +script|load +time +get +set +exists +del +hget +hmget +hset"
     cmds+=" +hgetall +incr +xadd +xrevrange +expire +ttl +rpush +publish"
     cmds+=" +zadd +zrangebyscore +zremrangebyscore +zscore +zrem +smembers +srem +scard"
+    cmds+=" $cluster +spublish"
     keys="" chans=""
     for t in "$@"; do
       keys+=" %RW~relay:$t:req:* %RW~relay:$t:active %RW~relay:$t:leases:* %RW~relay:$t:orch:*"
-      chans+=" &relay:$t:req:* &relay:$t:events"
+      chans+=" &relay:$t:req:* &relay:$t:events &relay:$t:events:*"
     done
     # No selector: PUBLISH (inside the publish script) is its only channel use.
     selector=""

@@ -25,6 +25,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from relay import redisconn
 from relay.aio import stop_task
 from relay.config import GlobalConfig
 from relay.gateway.envelope import Envelope, EnvelopeError
@@ -33,6 +34,7 @@ from relay.gateway.pubsub import PubSubLink, SubscribeTimeout
 from relay.gateway.recent import RecentEvents
 from relay.gateway.recovery import Backfills
 from relay.gateway.seqtrack import SeqTable, Step
+from relay.gateway.shardlink import ClusterLink
 from relay.gateway.store import RequestStore
 from relay.logs import LogOnce
 from relay.wire.keys import PREFIX, Keys, probe_channel
@@ -407,7 +409,9 @@ class Hub:
         self.gateway_id = uuid.uuid4().hex[:12]
         # Every hub log line names its gateway (a field of its own in JSON logs).
         self.log = logging.LoggerAdapter(log, {"gateway_id": self.gateway_id})
-        self.link = PubSubLink(
+        # On a Redis Cluster: sharded pub/sub, one connection per primary.
+        link_class = ClusterLink if redisconn.is_cluster(pubsub_redis) else PubSubLink
+        self.link = link_class(
             config,
             self.control,
             pubsub_redis,
@@ -419,6 +423,8 @@ class Hub:
         gw = config.gateway
         # One for the process, shared by its tenants, so the bound is the process's.
         self.recent = RecentEvents(gw.recent_events_bytes, gw.recent_events_per_request)
+        # After a Sentinel failover the command pool follows the master too.
+        self.link.also_follow.append(redis)
         self._tenants: dict[str, TenantHub] = {}
         self.default = self.tenant(config.redis.tenant)
 

@@ -31,12 +31,16 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from relay import redisconn
 from relay.aio import stop_task
 from relay.config import GlobalConfig
 from relay.gateway.metrics import Metrics
 
 READ_SLICE = 0.005
 """Seconds the reader may hold the event loop before it yields once."""
+TOPOLOGY_CHECK_S = 5.0
+"""How often the link asks whether Redis moved under it (a Sentinel failover, a
+cluster's slot map) when nothing told it."""
 
 
 class Listener(Protocol):
@@ -87,6 +91,8 @@ class PubSubLink:
         self._supervisor: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.reconnects = 0
+        self.also_follow: list[Redis] = []
+        """Clients whose pools move with the master when it moves (Sentinel)."""
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -281,6 +287,7 @@ class PubSubLink:
     async def _probe(self) -> None:
         interval = self.config.gateway.probe_interval
         timeout = self.config.gateway.probe_timeout
+        next_check = time.monotonic() + TOPOLOGY_CHECK_S
         while True:
             await asyncio.sleep(interval)
             try:
@@ -292,3 +299,22 @@ class PubSubLink:
                 self.metrics.probe_failures.inc()
                 self._wake.set()
                 return
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + TOPOLOGY_CHECK_S
+                if await self._master_moved():
+                    self._wake.set()
+                    return
+
+    async def _master_moved(self) -> bool:
+        """After a Sentinel failover: still subscribed on the old master (now a replica)?"""
+        connection = self._pubsub.connection if self._pubsub is not None else None
+        try:
+            for client in (self.redis, *self.also_follow):
+                await redisconn.follow_master(client)
+            moved = not await redisconn.still_on_master(self._pubsub_redis, connection)
+        except Exception as exc:
+            self.log.warning("could not ask the Sentinels for the master: %s", exc)
+            return False  # the probe tells whether delivery still works
+        if moved:
+            self.log.warning("the master moved (Sentinel failover): resubscribing on the new one")
+        return moved

@@ -2,7 +2,9 @@
 
 Writing a cancel (gateway, REST, CLI): ``SET relay:T:cancel:{X} <json> EX ttl``
 and ``PUBLISH relay:T:cancels <json>`` in one MULTI. The tombstone is the
-truth; the message only wakes orchestrators up quickly.
+truth; the message only wakes orchestrators up quickly. On a Redis Cluster
+the nudge is ``SPUBLISH`` (only the node owning the channel carries it), sent
+after the SET: the two are in different slots, so no MULTI spans them.
 
 Honouring it (orchestrator): a :class:`CancelRegistry` per process holds the
 live :class:`CancelToken` objects, each registered under every id of its
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
+from relay import redisconn
 from relay.aio import stop_task
 from relay.wire.events import AgentCancelled
 from relay.wire.keys import Keys
@@ -49,6 +52,11 @@ async def request_cancel(
     False
     """
     payload = json.dumps({"target_id": target_id, "reason": reason, "ts": int(time.time() * 1000)})
+    if redisconn.is_cluster(redis):
+        # Tombstone first: a nudge that arrives before it would find nothing.
+        previous = await redis.set(keys.cancel(target_id), payload, ex=ttl, get=True)
+        await redis.spublish(keys.cancel_channel, payload)
+        return previous is not None
     pipe = redis.pipeline(transaction=True)
     pipe.set(keys.cancel(target_id), payload, ex=ttl, get=True)
     pipe.publish(keys.cancel_channel, payload)
@@ -243,9 +251,12 @@ class CancelRegistry:
     async def _supervise(self) -> None:
         delay = 0.05
         while True:
-            pubsub = self.redis.pubsub()
+            pubsub: Any = None
+            node: Redis | None = None
             try:
-                await pubsub.subscribe(self.keys.cancel_channel)
+                # On a cluster: SSUBSCRIBE on the channel's owner, found anew
+                # on every connect (a failover or resharding moves it).
+                pubsub, node = await redisconn.shard_pubsub(self.redis, self.keys.cancel_channel)
                 # Anything published while we were away is in the tombstones.
                 await self._check(self._index)
                 self._subscribed.set()
@@ -257,7 +268,10 @@ class CancelRegistry:
                 log.warning("cancel listener lost its connection: %s", exc)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    if pubsub is not None:
+                        await pubsub.aclose()
+                    if node is not None:
+                        await node.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -265,8 +279,12 @@ class CancelRegistry:
         next_poll = time.monotonic() + self.poll_interval
         while True:
             timeout = max(0.0, next_poll - time.monotonic())
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
-            if message is not None and message["type"] == "message":
+            message = await pubsub.get_message(timeout=timeout)
+            kind = message["type"] if message is not None else None
+            if kind in ("sunsubscribe", "unsubscribe"):
+                # Not asked for: the channel's slot moved to another node.
+                raise ConnectionError(f"{self.keys.cancel_channel} was unsubscribed by the server")
+            if message is not None and kind in ("message", "smessage"):
                 try:
                     data = json.loads(message["data"])
                     self._trigger(str(data["target_id"]), str(data.get("reason", "cancelled")))
@@ -275,3 +293,7 @@ class CancelRegistry:
             if time.monotonic() >= next_poll:
                 await self._check(self._index)
                 next_poll = time.monotonic() + self.poll_interval
+                if not await redisconn.still_on_master(self.redis, pubsub.connection):
+                    # A Sentinel failover left this connection on the old
+                    # master: listen on the new one (the tombstones cover the move).
+                    raise ConnectionError("the master moved (Sentinel failover)")

@@ -13,6 +13,7 @@ exhausted :class:`PublishError` is raised: an event is never dropped silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -22,8 +23,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from redis.asyncio import Redis
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import redisconn
@@ -35,9 +42,20 @@ from relay.wire.scripts import as_text, is_noscript, script
 if TYPE_CHECKING:
     from relay.orchestrator.lease import LeaseKeeper
 
-RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+RETRYABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    # Redis Cluster, while a node restarts or fails over: the slot is served
+    # again in a moment (ResponseError subclasses, so listed before it is caught).
+    ClusterDownError,
+    TryAgainError,
+    MasterDownError,
+)
 RETRY_MARGIN_SECONDS = 60
 """Added to the retry bound when a retry looks for its first attempt in history."""
+MASTER_CHECK_S = 5.0
+"""How often a Sentinel-managed client asks where the master is (besides reconnects)."""
 ACTIVE_TRIM_EVERY = 256
 """Publishes per client between trims of the tenant's activity index."""
 
@@ -144,7 +162,11 @@ class RelayClient:
         self.history = history or HistoryConfig()
         self.publish_retry_seconds = publish_retry_seconds
         self._owns = owns_connection
-        self._script = script("publish")
+        # On a Redis Cluster: SPUBLISH to the request's channel and to the
+        # firehose shard of its slot, both owned by the node running the script.
+        self._sharded = redisconn.is_cluster(redis)
+        self._script = script("publish", sharded=self._sharded)
+        self._master_checked = time.monotonic()
         self._publishes = 0
         self._owns_lease = isinstance(lease, LeaseConfig)
         self.lease: LeaseKeeper | None = None
@@ -328,7 +350,7 @@ class RelayClient:
                 self.history.ttl_seconds,
                 self.history.state_ttl_seconds,
                 rk.channel,
-                self.keys.firehose_channel,
+                self.keys.firehose_shard(rid) if self._sharded else self.keys.firehose_channel,
                 publish_id,
                 # On a retry: how far back (ms, Redis clock) the first attempt
                 # can have landed, with room for socket timeouts and skew.
@@ -339,6 +361,15 @@ class RelayClient:
             ]
             try:
                 return await self._run(rid, keys, args)
+            except RETRYABLE as exc:
+                attempt += 1
+                if time.monotonic() + delay > deadline:
+                    raise PublishError(
+                        f"publish to request {rid} failed after {attempt} attempts "
+                        f"over {self.publish_retry_seconds:g}s: {exc}"
+                    ) from exc
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 1.0)
             except ResponseError as exc:
                 if is_lost_refusal(exc):
                     message = f"publish to request {rid} refused by Redis: {exc}"
@@ -354,30 +385,31 @@ class RelayClient:
                 # (out of memory, a read-only replica, a wrong key type): the
                 # message is kept whole, and retrying will not help.
                 raise PublishError(f"publish to request {rid} refused by Redis: {exc}") from exc
-            except RETRYABLE as exc:
-                attempt += 1
-                if time.monotonic() + delay > deadline:
-                    raise PublishError(
-                        f"publish to request {rid} failed after {attempt} attempts "
-                        f"over {self.publish_retry_seconds:g}s: {exc}"
-                    ) from exc
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, 1.0)
+
+    def _queue_active(self, pipe: Any, rid: str, now_ms: int) -> None:
+        pipe.zadd(self.keys.active, {rid: now_ms})
+        # The index must not outlive the data it points at when publishing stops.
+        pipe.expire(self.keys.active, self.history.ttl_seconds)
+        self._publishes += 1
+        if self._publishes % ACTIVE_TRIM_EVERY == 0:
+            # Keep the activity index to the history's lifetime: requests
+            # idle for longer have nothing left to replay anyway.
+            horizon = now_ms - self.history.ttl_seconds * 1000
+            pipe.zremrangebyscore(self.keys.active, "-inf", horizon)
 
     async def _run(self, rid: str, keys: list[str], args: list[Any]) -> Published:
+        if time.monotonic() - self._master_checked > MASTER_CHECK_S:
+            # Sentinel: pooled connections may still reach a master that was
+            # replaced (it takes writes until it is demoted, then loses them).
+            self._master_checked = time.monotonic()
+            with contextlib.suppress(RedisError):  # the publish itself will tell
+                await redisconn.follow_master(self.redis)
         for _ in range(2):
-            now_ms = int(time.time() * 1000)
+            # On a cluster the pipeline sends the script and the activity
+            # index update to their own nodes (they are in different slots).
             pipe = self.redis.pipeline(transaction=False)
             self._script.queue(pipe, keys, args)
-            pipe.zadd(self.keys.active, {rid: now_ms})
-            # The index must not outlive the data it points at when publishing stops.
-            pipe.expire(self.keys.active, self.history.ttl_seconds)
-            self._publishes += 1
-            if self._publishes % ACTIVE_TRIM_EVERY == 0:
-                # Keep the activity index to the history's lifetime: requests
-                # idle for longer have nothing left to replay anyway.
-                horizon = now_ms - self.history.ttl_seconds * 1000
-                pipe.zremrangebyscore(self.keys.active, "-inf", horizon)
+            self._queue_active(pipe, rid, int(time.time() * 1000))
             result, *_ = await pipe.execute(raise_on_error=False)
             if is_noscript(result):
                 await self._script.load(self.redis)

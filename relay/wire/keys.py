@@ -19,6 +19,7 @@ Layout (``T`` is the tenant, ``R`` a request id, ``X`` an agent or request id)::
 
     relay:T:req:{R}:events       channel every frame of request R
     relay:T:events               channel every frame of the tenant (firehose)
+    relay:T:events:{N}           shard   on a Redis Cluster, the firehose of one slot
     relay:T:cancels              channel cancel nudges (payload: the tombstone JSON)
     relay:T:probe:G              channel liveness probe of gateway G (T: its redis.tenant)
 
@@ -29,6 +30,14 @@ tenant-wide index and is written in the same pipeline, never inside a script.
 The two lease indexes share the tag ``{T}``, so the script that renews a lease
 and the one that declares it lost run in one slot and cannot interleave.
 
+On a Redis Cluster every channel is a shard channel (SPUBLISH/SSUBSCRIBE),
+delivered only by the node that owns its slot. The firehose is split by slot:
+the frames of request R also go to ``relay:T:events:{N}`` where ``N`` is the
+slot tag of R's slot (:func:`slot_tag`: the smallest decimal number whose
+CRC16 lands in that slot), so the publish script stays single-slot and each
+frame is carried by one node. A tenant-wide reader subscribes all 16384 of
+them, each on its owner.
+
 Everything, the gateways' probe channels included, is under ``relay:T:``, so
 one ACL rule (``~relay:T:* &relay:T:*``) confines a Redis user to one tenant
 (deploy/redis-acl/).
@@ -36,10 +45,14 @@ one ACL rule (``~relay:T:* &relay:T:*``) confines a Redis user to one tenant
 
 from __future__ import annotations
 
+import binascii
 import re
 from dataclasses import dataclass
+from functools import cache
 
 PREFIX = "relay"
+SLOTS = 16384
+"""Hash slots of a Redis Cluster."""
 
 _TENANT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -51,6 +64,46 @@ def validate_tenant(tenant: str) -> str:
             f"invalid tenant {tenant!r}: 1-64 characters of letters, digits, '_', '.', '-'"
         )
     return tenant
+
+
+def key_slot(key: str | bytes) -> int:
+    """The Redis Cluster hash slot of ``key`` (CRC16 of its hash tag, if it has one).
+
+    >>> key_slot("relay:t:req:{abc}:seq") == key_slot("{abc}")
+    True
+    """
+    raw = key.encode() if isinstance(key, str) else key
+    start = raw.find(b"{")
+    if start >= 0:
+        end = raw.find(b"}", start + 1)
+        if end > start + 1:
+            raw = raw[start + 1 : end]
+    return binascii.crc_hqx(raw, 0) % SLOTS
+
+
+@cache
+def _slot_tags() -> tuple[str, ...]:
+    # 109,758 CRCs (about 0.1 s, once per process, on first use): the
+    # smallest decimal number landing in each slot.
+    tags: list[str | None] = [None] * SLOTS
+    left, n = SLOTS, 0
+    while left:
+        text = str(n)
+        slot = binascii.crc_hqx(text.encode(), 0) % SLOTS
+        if tags[slot] is None:
+            tags[slot] = text
+            left -= 1
+        n += 1
+    return tuple(t for t in tags if t is not None)
+
+
+def slot_tag(slot: int) -> str:
+    """A hash tag landing in ``slot``: the smallest decimal number whose CRC16 does.
+
+    >>> key_slot("{" + slot_tag(42) + "}") == 42
+    True
+    """
+    return _slot_tags()[slot]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +170,23 @@ class Keys:
         """The channel carrying every frame of the tenant."""
         return f"{self._base}:events"
 
+    def firehose_shard(self, request_id: str) -> str:
+        """On a Redis Cluster, the firehose shard channel in ``request_id``'s slot."""
+        return self.firehose_shard_of_slot(key_slot(request_id))
+
+    def firehose_shard_of_slot(self, slot: int) -> str:
+        """The firehose shard channel of hash slot ``slot``."""
+        return f"{self._base}:events:{{{slot_tag(slot)}}}"
+
+    def firehose_shards(self) -> list[str]:
+        """Every firehose shard channel, indexed by slot (what a tenant-wide reader holds)."""
+        return [self.firehose_shard_of_slot(s) for s in range(SLOTS)]
+
+    def is_firehose_shard(self, channel: str) -> bool:
+        """Whether ``channel`` is one of :meth:`firehose_shards`."""
+        head = f"{self._base}:events:{{"
+        return channel.startswith(head) and channel.endswith("}")
+
     @property
     def active(self) -> str:
         """Sorted set of request ids scored by their last publish time (ms)."""
@@ -162,3 +232,8 @@ def probe_channel(tenant: str, gateway_id: str) -> str:
     can neither read nor spoof this gateway's probe.
     """
     return f"{Keys(tenant)._base}:probe:{gateway_id}"
+
+
+def probe_shard(probe: str, slot: int) -> str:
+    """On a Redis Cluster, ``probe`` as a shard channel in ``slot`` (one per node)."""
+    return f"{probe}:{{{slot_tag(slot)}}}"

@@ -20,14 +20,28 @@ from redis.exceptions import NoScriptError, ResponseError
 RedisClient = Redis
 
 
-class LuaScript:
-    """One Lua script from the package, called by SHA with a load fallback."""
+PUBLISH_LINE = "local PUBLISH = 'PUBLISH'"
+SHARDED_PUBLISH_LINE = "local PUBLISH = 'SPUBLISH'"
+"""The one line of ``publish.lua`` that differs on a Redis Cluster (sharded pub/sub)."""
 
-    def __init__(self, name: str) -> None:
+
+class LuaScript:
+    """One Lua script from the package, called by SHA with a load fallback.
+
+    ``sharded=True`` is the variant for a Redis Cluster: its publishes are
+    SPUBLISH (to the node owning the channel's slot) instead of PUBLISH
+    (broadcast to every node). Only ``publish`` publishes.
+    """
+
+    def __init__(self, name: str, *, sharded: bool = False) -> None:
         self.name = name
-        self.source = (
-            resources.files("relay.wire").joinpath("lua", f"{name}.lua").read_text("utf-8")
-        )
+        source = resources.files("relay.wire").joinpath("lua", f"{name}.lua").read_text("utf-8")
+        if sharded:
+            if source.count(PUBLISH_LINE) != 1:
+                raise ValueError(f"{name}.lua has no line {PUBLISH_LINE!r} to shard")
+            source = source.replace(PUBLISH_LINE, SHARDED_PUBLISH_LINE)
+        self.sharded = sharded
+        self.source = source
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(self, redis: Redis, keys: list[str], args: list[Any]) -> Any:
@@ -39,8 +53,13 @@ class LuaScript:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
 
     def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
-        """Add an EVALSHA of this script to a pipeline (see :func:`is_noscript`)."""
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+        """Add an EVALSHA of this script to a pipeline (see :func:`is_noscript`).
+
+        Queued as a plain command: redis-py's cluster pipeline refuses its
+        ``evalsha`` method, but routes an EVALSHA command by its keys, which
+        share one slot in every relay script.
+        """
+        pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def load(self, redis: Redis) -> None:
         """SCRIPT LOAD the source; idempotent."""
@@ -66,6 +85,12 @@ def script_names() -> list[str]:
 
 
 @cache
-def script(name: str) -> LuaScript:
-    """The process-wide instance of script ``name`` (read from disk on first use)."""
-    return LuaScript(name)
+def script(name: str, *, sharded: bool = False) -> LuaScript:
+    """The process-wide instance of script ``name`` (read from disk on first use).
+
+    ``sharded`` selects the Redis Cluster variant (see :class:`LuaScript`).
+
+    >>> script("publish", sharded=True).source.count("SPUBLISH") > 0
+    True
+    """
+    return LuaScript(name, sharded=sharded)

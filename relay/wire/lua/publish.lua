@@ -17,7 +17,7 @@
 -- ARGV[4] history ttl seconds (refreshed on every publish)
 -- ARGV[5] state ttl seconds (seq, epoch and state outlive the history)
 -- ARGV[6] request channel
--- ARGV[7] tenant firehose channel
+-- ARGV[7] tenant firehose channel (on a cluster: the firehose shard of the request's slot)
 -- ARGV[8] publish id: a random id of this call, kept on its last history entry
 -- ARGV[9] "0" on a first attempt; on a retry, the retry window in ms: if an
 --         entry with this publish id was written within it, nothing is
@@ -45,6 +45,14 @@
 -- path (see benchmarks/publish_script.py).
 local find, byte, sub = string.find, string.byte, string.sub
 local decode, pcall, type = cjson.decode, pcall, type
+
+-- The publish command. On a Redis Cluster relay loads this source with this
+-- one line reading 'SPUBLISH' (relay.wire.scripts.SHARDED_PUBLISH_LINE): a
+-- shard channel is delivered by the node that owns its slot only, where
+-- PUBLISH would be broadcast to every node of the cluster. ARGV[6] and
+-- ARGV[7] must then both hash to this request's slot (the firehose shard,
+-- relay.wire.keys.Keys.firehose_shard); the server refuses anything else.
+local PUBLISH = 'PUBLISH'
 
 local function refuse(message)
   return redis.error_reply('ERR relay: ' .. message)
@@ -349,8 +357,8 @@ for i = 10, #ARGV, 2 do
   end
   if is(STATEFUL, kind) then update_state(seq, kind, ev) end
   local msg = epoch .. ' ' .. seq .. ' ' .. rid .. ' ' .. kind .. ' ' .. ts .. '\n' .. frame
-  redis.call('PUBLISH', ARGV[6], msg)
-  redis.call('PUBLISH', ARGV[7], msg)
+  redis.call(PUBLISH, ARGV[6], msg)
+  redis.call(PUBLISH, ARGV[7], msg)
 end
 
 redis.call('HSET', KEYS[4], 'last_seq', seq, 'epoch', epoch, 'last_ts', ts)
