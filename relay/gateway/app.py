@@ -37,6 +37,7 @@ from relay.gateway.auth import (
     websocket_token,
 )
 from relay.gateway.connection import Connection
+from relay.gateway.durable import EXPOSED_HEADERS, durable_routes
 from relay.gateway.guard import HttpRefusal, OriginGuard, require_json, rest_principal
 from relay.gateway.hub import Hub
 from relay.gateway.limits import HTTP_STATUS, Limits, read_body, subject_key
@@ -247,6 +248,7 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         Route("/metrics", metrics),
         Route("/api/v1/agents/{target_id}/cancel", cancel_route, methods=["POST"]),
         Route("/api/v1/requests/{request_id}/budget", budget_route, methods=["POST"]),
+        *durable_routes(),
         *console_routes(),
     ]
     allowed = cfg.auth.allowed_origins
@@ -256,8 +258,9 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         Middleware(
             CORSMiddleware,
             allow_origins=allowed,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_methods=["GET", "POST", "HEAD"],
+            allow_headers=["Authorization", "Content-Type", "If-None-Match"],
+            expose_headers=EXPOSED_HEADERS,  # the Durable Streams read API's headers
             allow_credentials=False,
             max_age=600,
         ),
