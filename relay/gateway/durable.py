@@ -148,6 +148,10 @@ class DurableReads:
             response = await self.dispatch(request, receive)
         except HttpRefusal as refusal:
             response = self.refused(refusal)
+        except LiveRefused as exc:
+            response = self.refused(HttpRefusal(exc.status, "rate_limited", str(exc)), 1)
+        except RateLimitedRead as exc:
+            response = self.refused(exc.refusal(), retry_after=exc.wait)
         except RedisError as exc:
             log.warning("durable read of %s failed: %s", scope.get("path"), exc)
             response = self.refused(
@@ -400,24 +404,19 @@ class DurableReads:
     async def long_poll(self, request: Request, read: Read, receive: Receive) -> Response:
         """``live=long-poll``: data at once if there is any, else wait for the hub (204 then)."""
         cfg = self.svc(request).config.durable
-        try:
-            async with self.live(request, read, receive) as tail:
-                state, after = await self.state(read)
-                epoch = state.epoch or ""
-                answer: Answer | None = None
-                if after < state.tail:
-                    answer = await self.read_range(request, read, state, after)
-                elif not state.closed:
-                    deadline = time.monotonic() + cfg.long_poll_timeout
-                    while answer is None and not tail.gone:
-                        left = deadline - time.monotonic()
-                        if left <= 0 or not await wait_for_wake(tail, left):
-                            break
-                        answer = await self.next_live(request, read, tail, epoch, after)
-        except LiveRefused as exc:
-            return self.refused(HttpRefusal(exc.status, "rate_limited", str(exc)), retry_after=1)
-        except RateLimitedRead as exc:
-            return self.refused(exc.refusal(), retry_after=exc.wait)
+        async with self.live(request, read, receive) as tail:
+            state, after = await self.state(read)
+            epoch = state.epoch or ""
+            answer: Answer | None = None
+            if after < state.tail:
+                answer = await self.read_range(request, read, state, after)
+            elif not state.closed:
+                deadline = time.monotonic() + cfg.long_poll_timeout
+                while answer is None and not tail.gone:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not await wait_for_wake(tail, left):
+                        break
+                    answer = await self.next_live(request, read, tail, epoch, after)
         if answer is None:
             # Timeout, or closed at the tail (answered at once, no waiting).
             headers = self.headers(epoch, after, up_to_date=True, closed=state.closed)
