@@ -420,6 +420,7 @@ class DurableReads:
         if answer is None:
             # Timeout, or closed at the tail (answered at once, no waiting).
             headers = self.headers(epoch, after, up_to_date=True, closed=state.closed)
+            del headers["content-type"]  # a 204 has no body
             headers["cache-control"] = "no-store"
             if not state.closed:
                 headers["stream-cursor"] = self.cursor(request, read)

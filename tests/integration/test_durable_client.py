@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.durable_support import PATH
+from relay.orchestrator.client import RelayClient
+from tests.integration.durable_support import PATH, Run
 from tests.integration.test_topology import HAProxy
 from tests.support import Gateway, RedisServer, RelayProcess, eventually, http_get
 from tests.unit.test_deploy_files import GATEWAYS, HAPROXY
@@ -234,3 +235,52 @@ async def test_official_client_survives_a_gateway_sigkill_behind_haproxy(
     if live == "sse":
         # The killed response failed; the client resumed from its last offset.
         assert len(f.sessions) >= 2 and "error" in f.sessions[0], f.sessions
+
+
+@pytest.fixture
+def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server with ``appendonly yes`` (fsync always): a restart keeps every key."""
+    server = RedisServer(tmp_path / "aof-redis", appendonly=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("live", ["long-poll", "sse"])
+async def test_official_client_follows_through_a_redis_restart(
+    durable_client: Path,
+    start_gateway: StartGateway,
+    aof_redis: RedisServer,
+    live: str,
+) -> None:
+    gw = start_gateway(redis_url=aof_redis.url)
+    async with RelayClient.from_url(aof_redis.url, publish_retry_seconds=20) as client:
+        run = Run(client)
+        await run.start()
+        restarted = asyncio.Event()
+
+        async def orchestrate() -> None:
+            # Publishes across the outage (the SDK retries them), then ends the request.
+            for i in range(400):
+                await run.delta(f"d{i}")
+                if restarted.is_set() and i >= 300:
+                    break
+                await asyncio.sleep(0.01)
+            await run.complete()
+
+        async with follow(durable_client, gw.http + PATH.format(run.request_id), live) as f:
+            publisher = asyncio.create_task(orchestrate())
+            try:
+                await eventually(lambda: len(f.seqs) >= 20, 30, "20 events")
+                seen = len(f.seqs)
+                await asyncio.to_thread(aof_redis.restart, 0.3)
+                restarted.set()
+                assert not publisher.done(), "the run ended before the restart"
+                await publisher
+                assert await f.wait(180) == 0, f.lines[-5:]
+            finally:
+                publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher
+    final = final_seq(gw.http, run.request_id)
+    assert final > seen
+    check_followed(f, final)
