@@ -22,9 +22,13 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from starlette.types import Receive
 
+from relay.gateway.auth import Principal
+from relay.gateway.dsoffset import Offset
 from relay.gateway.envelope import Envelope
 from relay.gateway.guard import HttpRefusal
+from relay.gateway.hub import TenantHub
 from relay.gateway.limits import TokenBucket
 from relay.gateway.store import RequestStore
 from relay.wire.keys import Keys
@@ -195,6 +199,49 @@ class RateLimitedRead(Exception):
         )
 
 
+class Gone(HttpRefusal):
+    """410: the offset is no longer a position of the stream."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(410, code, message)
+
+
+@dataclass(slots=True)
+class Read:
+    """One validated read: who asks, for what, from where."""
+
+    request_id: str
+    principal: Principal
+    hub: TenantHub
+    offset: Offset | str
+    live: str | None
+    cursor: str | None
+    subject: str
+
+
+@dataclass(slots=True)
+class Answer:
+    """Events to return and where they leave the reader."""
+
+    events: list[Envelope]
+    end: int
+    up_to_date: bool
+    closed: bool
+
+
+def body_of(events: list[Envelope]) -> bytes:
+    """A JSON-mode body: the frames, already encoded once by the hub, as one array."""
+    return ("[" + ",".join(e.frame for e in events) + "]").encode()
+
+
+async def watch_disconnect(receive: Receive, tail: LiveTail) -> None:
+    """Wake ``tail`` for good once the client has gone (the ASGI ``http.disconnect``)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    tail.gone = True
+    tail.wake.set()
+
+
 class ReplayBudgets:
     """History bytes each subject may read per minute (``limits.replay_bytes_per_minute``).
 
@@ -233,15 +280,20 @@ class ReplayBudgets:
 
 __all__ = [
     "TERMINAL_TYPES",
+    "Answer",
     "Chunk",
+    "Gone",
     "LiveRefused",
     "LiveTail",
     "RateLimitedRead",
+    "Read",
     "ReplayBudgets",
     "StreamState",
+    "body_of",
     "closed_at",
     "read_chunk",
     "read_outcome_seq",
     "stream_state",
     "wait_for_wake",
+    "watch_disconnect",
 ]

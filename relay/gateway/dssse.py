@@ -23,14 +23,17 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from relay.gateway.dsoffset import Offset
 from relay.gateway.dsread import (
+    Answer,
     LiveRefused,
     LiveTail,
     RateLimitedRead,
+    Read,
     StreamState,
     wait_for_wake,
 )
@@ -38,7 +41,7 @@ from relay.gateway.guard import HttpRefusal
 from relay.logs import LogOnce
 
 if TYPE_CHECKING:
-    from relay.gateway.durable import Answer, DurableReads, Read
+    from relay.gateway.durable import DurableReads
 
 log = logging.getLogger(__name__)
 log_once = LogOnce(log)
@@ -105,6 +108,12 @@ class SseStream:
             refusal, retry_after = exc.refusal(), exc.wait
         except ClientTooSlow:
             log_once("slow", "an SSE reader did not take a write in time; ending its response")
+        except RedisError as exc:
+            # Before the head: 503 (the client retries). After: the response
+            # ends and the client reconnects from its offset.
+            log.warning("SSE read failed: %s", exc)
+            refusal = HttpRefusal(503, "unavailable", "Redis is unavailable; try again shortly")
+            retry_after = 1
         if not self.started:
             assert refusal is not None
             await self.reads.refused(refusal, retry_after)(scope, receive, send)

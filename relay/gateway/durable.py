@@ -32,7 +32,6 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
@@ -41,34 +40,35 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relay.gateway.auth import Principal
 from relay.gateway.dsoffset import BadOffset, Offset, parse_offset, response_cursor
 from relay.gateway.dsread import (
     TERMINAL_TYPES,
+    Answer,
+    Gone,
     LiveRefused,
     LiveTail,
     RateLimitedRead,
+    Read,
     ReplayBudgets,
     StreamState,
+    body_of,
     read_chunk,
     read_outcome_seq,
     stream_state,
     wait_for_wake,
+    watch_disconnect,
 )
 from relay.gateway.dssse import SseStream
-from relay.gateway.envelope import Envelope
 from relay.gateway.guard import HttpRefusal, rest_principal
-from relay.gateway.hub import HubUnavailable, TenantHub
+from relay.gateway.hub import HubUnavailable
 from relay.gateway.limits import subject_key
 from relay.gateway.store import HistoryGap
-from relay.logs import LogOnce
 from relay.wire.commands import CommandError
 
 if TYPE_CHECKING:
     from relay.gateway.app import Services
 
 log = logging.getLogger(__name__)
-log_once = LogOnce(log)
 
 PATH = "/v1/stream/requests/{request_id}"
 IMMUTABLE = "max-age=31536000, immutable"
@@ -84,41 +84,6 @@ SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
     "cross-origin-resource-policy": "cross-origin",
 }
-
-
-class Gone(HttpRefusal):
-    """410: the offset is no longer a position of the stream."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(410, code, message)
-
-
-@dataclass(slots=True)
-class Read:
-    """One validated read: who asks, for what, from where."""
-
-    request_id: str
-    principal: Principal
-    hub: TenantHub
-    offset: Offset | str
-    live: str | None
-    cursor: str | None
-    subject: str
-
-
-@dataclass(slots=True)
-class Answer:
-    """Events to return and where they leave the reader."""
-
-    events: list[Envelope]
-    end: int
-    up_to_date: bool
-    closed: bool
-
-
-def body_of(events: list[Envelope]) -> bytes:
-    """A JSON-mode body: the frames, already encoded once by the hub, as one array."""
-    return ("[" + ",".join(e.frame for e in events) + "]").encode()
 
 
 class DurableReads:
@@ -432,14 +397,6 @@ class DurableReads:
         if not answer.closed:
             headers["stream-cursor"] = self.cursor(request, read)
         return Response(body_of(answer.events), 200, headers)
-
-
-async def watch_disconnect(receive: Receive, tail: LiveTail) -> None:
-    """Wake ``tail`` for good once the client has gone (the ASGI ``http.disconnect``)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    tail.gone = True
-    tail.wake.set()
 
 
 def durable_routes() -> list[Route]:
