@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,6 +241,8 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
             await control.aclose()
             await pubsub.aclose()
 
+    drain_hooks: list[Callable[[], None]] = []
+    """Called by relay/gateway/serve.py when SIGTERM starts the drain."""
     routes = [
         WebSocketRoute("/ws/events", events_ws),
         Route("/healthz", healthz),
@@ -248,7 +250,7 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         Route("/metrics", metrics),
         Route("/api/v1/agents/{target_id}/cancel", cancel_route, methods=["POST"]),
         Route("/api/v1/requests/{request_id}/budget", budget_route, methods=["POST"]),
-        *durable_routes(),
+        *durable_routes(drain_hooks),
         *console_routes(),
     ]
     allowed = cfg.auth.allowed_origins
@@ -266,4 +268,6 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         ),
         Middleware(OriginGuard, allowed=allowed, metrics=registries),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    app.state.drain_hooks = drain_hooks
+    return app

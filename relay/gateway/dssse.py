@@ -163,7 +163,7 @@ class SseStream:
             await self.emit(self.control(epoch, after, up_to_date=True, closed=closed))
             if closed:
                 return
-        while not tail.gone and time.monotonic() < deadline:
+        while not tail.gone and not reads.closing and time.monotonic() < deadline:
             if after < known:
                 answer = await reads.read_range(
                     request, read, StreamState(epoch, known, closed), after
@@ -178,7 +178,7 @@ class SseStream:
                 if time.monotonic() < deadline:
                     await self.emit(": keep-alive\n\n")
                 continue
-            if tail.gone:
+            if tail.gone or reads.closing:
                 return
             live = await reads.next_live(request, read, tail, epoch, after)
             if live is None:

@@ -31,7 +31,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
@@ -91,10 +91,30 @@ class DurableReads:
 
     def __init__(self) -> None:
         self._budgets: ReplayBudgets | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tails: set[LiveTail] = set()
+        self.closing = False
+        """The gateway is draining (SIGTERM): live reads end now, new ones at once."""
+
+    def drain(self) -> None:
+        """End every live read soon: long-polls answer 204, SSE responses end.
+
+        Called from the signal handler when shutdown starts, so clients move
+        to another gateway at once instead of waiting out ``gateway.drain_timeout``.
+        """
+        self.closing = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        for tail in self._tails:
+            tail.wake.set()
 
     def svc(self, request: Request) -> Services:
         """The running app's shared services."""
         svc: Services = request.app.state.services
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         if self._budgets is None:
             lim = svc.config.limits
             self._budgets = ReplayBudgets(lim.replay_bytes_per_minute, lim.max_tracked_subjects)
@@ -321,6 +341,7 @@ class DurableReads:
             raise LiveRefused(503 if busy else 429, refusal)
         tail = LiveTail(read.request_id, svc.config.durable.live_buffer)
         gone = asyncio.create_task(watch_disconnect(receive, tail), name="relay-ds-disconnect")
+        self._tails.add(tail)
         try:
             try:
                 await read.hub.watch(read.request_id, tail)
@@ -332,6 +353,7 @@ class DurableReads:
                 gone.cancel()
                 await read.hub.unwatch(read.request_id, tail)
             finally:
+                self._tails.discard(tail)
                 svc.limits.release(read.subject)
                 with contextlib.suppress(asyncio.CancelledError):
                     await gone
@@ -377,7 +399,7 @@ class DurableReads:
                 answer = await self.read_range(request, read, state, after)
             elif not state.closed:
                 deadline = time.monotonic() + cfg.long_poll_timeout
-                while answer is None and not tail.gone:
+                while answer is None and not tail.gone and not self.closing:
                     left = deadline - time.monotonic()
                     if left <= 0 or not await wait_for_wake(tail, left):
                         break
@@ -399,9 +421,11 @@ class DurableReads:
         return Response(body_of(answer.events), 200, headers)
 
 
-def durable_routes() -> list[Route]:
-    """The read API's routes (added to the gateway app by :func:`relay.gateway.app.create_app`)."""
-    return [Route(PATH, DurableReads())]
+def durable_routes(drain_hooks: list[Callable[[], None]]) -> list[Route]:
+    """The read API's routes; appends to ``drain_hooks`` what ends its live reads at shutdown."""
+    reads = DurableReads()
+    drain_hooks.append(reads.drain)
+    return [Route(PATH, reads)]
 
 
 __all__ = ["EXPOSED_HEADERS", "PATH", "DurableReads", "body_of", "durable_routes"]

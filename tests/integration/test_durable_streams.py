@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -380,3 +381,31 @@ async def test_history_reads_are_charged_to_the_replay_budget(
                 break
             offset = answer.headers["stream-next-offset"]
         assert statuses[0] == 200 and statuses[-1] == 429, statuses
+
+
+async def test_sigterm_ends_live_reads_so_clients_move_on(
+    start_gateway: StartGateway, relay_client: RelayClient
+) -> None:
+    gw = start_gateway({"RELAY_DURABLE_LONG_POLL_TIMEOUT": "60"})
+    run = Run(relay_client)
+    await run.start()
+    async with httpx.AsyncClient(timeout=30) as http:
+        params = {"offset": "now", "live": "long-poll"}
+        poll = asyncio.create_task(http.get(url(gw, run.request_id), params=params))
+
+        async def sse_text() -> str:
+            params = {"offset": "now", "live": "sse"}
+            async with http.stream("GET", url(gw, run.request_id), params=params) as sse:
+                return "".join([chunk async for chunk in sse.aiter_text()])
+
+        sse = asyncio.create_task(sse_text())
+        await eventually(lambda: watched(gw) == 1, 10, "both live reads registered")
+        gw.signal(signal.SIGTERM)
+        answer = await poll
+        # Answered by the draining gateway (not cut off or failed at the drain timeout).
+        assert answer.status_code == 204, answer.text
+        assert answer.headers["stream-up-to-date"] == "true"
+        text = await sse
+        assert text.count("event: control") == 1 and text.endswith("\n\n")
+    code = await asyncio.to_thread(gw.wait, 15)
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in gw.output()
