@@ -133,7 +133,7 @@ def final_seq(base: str, rid: str) -> int:
 def check_followed(follower: Follower, final: int) -> None:
     """Every event exactly once, in order, and the closure seen last."""
     assert follower.seqs == list(range(1, final + 1)), (
-        f"{len(follower.seqs)} events, expected {final}: duplicates or gaps"
+        f"{len(follower.seqs)} events, expected {final}: repeats or gaps"
     )
     assert follower.batches[-1]["closed"] is True
     assert follower.sessions[-1]["closed"] is True

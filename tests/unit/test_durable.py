@@ -89,7 +89,7 @@ def test_live_tail_hands_over_contiguous_events_and_flags_holes() -> None:
     events, contiguous = tail.take(after=6, epoch="e1")
     assert [e.seq for e in events] == [8, 9, 10] and not contiguous
     assert tail.high == ("e1", 10)
-    # Duplicates and another epoch's events are not handed over.
+    # Repeated events and another epoch's events are not handed over.
     tail.offer(env(10))
     tail.offer(env(1, epoch="e2"))
     assert tail.take(after=10, epoch="e1") == ([], True)
@@ -167,7 +167,7 @@ async def test_read_chunk_is_bounded_and_reports_trimmed_history(
         await read_chunk(store, rid, epoch, 0, 11, max_events=4, max_bytes=10**6)
 
 
-async def test_a_live_tail_is_fed_by_the_hub(redis: fakeredis.FakeAsyncRedis) -> None:
+async def test_a_live_tail_is_fed_by_the_hub() -> None:
     server = fakeredis.FakeServer()
     commands = fakeredis.FakeAsyncRedis(server=server)
     pubsub = fakeredis.FakeAsyncRedis(server=server)
