@@ -555,6 +555,27 @@ class LimitsConfig(_Section):
     """Per-subject counters kept per process (oldest idle ones forgotten first)."""
 
 
+class DurableConfig(_Section):
+    """``[durable]``: the Durable Streams read API (relay/gateway/durable.py, docs/PROTOCOL.md)."""
+
+    long_poll_timeout: PositiveFloat = Field(
+        default=20.0, description="seconds a live=long-poll read waits before 204"
+    )
+    sse_max_seconds: PositiveFloat = Field(
+        default=55.0, description="a live=sse response ends after this (the client reconnects)"
+    )
+    heartbeat_seconds: PositiveFloat = Field(
+        default=15.0, description="an SSE comment after this much silence (proxy timeouts)"
+    )
+    max_chunk_events: PositiveInt = 500
+    max_chunk_bytes: PositiveInt = 1024 * 1024
+    live_buffer: PositiveInt = Field(
+        default=1024,
+        description="events one live read holds; beyond, oldest dropped and refilled from history",
+    )
+    cursor_interval_seconds: PositiveInt = 20
+
+
 class GlobalConfig(_Section):
     """All of relay's settings. Build it with :func:`load_config`.
 
@@ -572,6 +593,7 @@ class GlobalConfig(_Section):
     limits: LimitsConfig = LimitsConfig()
     sdk: SdkConfig = SdkConfig()
     lease: LeaseConfig = LeaseConfig()
+    durable: DurableConfig = DurableConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from relay.gateway.auth import (
     websocket_token,
 )
 from relay.gateway.connection import Connection
+from relay.gateway.durable import EXPOSED_HEADERS, durable_routes
 from relay.gateway.guard import HttpRefusal, OriginGuard, require_json, rest_principal
 from relay.gateway.hub import Hub
 from relay.gateway.limits import HTTP_STATUS, Limits, read_body, subject_key
@@ -263,6 +264,8 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
             await control.aclose()
             await pubsub.aclose()
 
+    drain_hooks: list[Callable[[], None]] = []
+    """Called by relay/gateway/serve.py when SIGTERM starts the drain."""
     routes = [
         WebSocketRoute("/ws/events", events_ws),
         Route("/healthz", healthz),
@@ -271,6 +274,7 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         Route("/agui/requests/{request_id}", agui_route, methods=["POST"]),
         Route("/api/v1/agents/{target_id}/cancel", cancel_route, methods=["POST"]),
         Route("/api/v1/requests/{request_id}/budget", budget_route, methods=["POST"]),
+        *durable_routes(drain_hooks),
         *console_routes(),
     ]
     allowed = cfg.auth.allowed_origins
@@ -280,11 +284,14 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         Middleware(
             CORSMiddleware,
             allow_origins=allowed,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_methods=["GET", "POST", "HEAD"],
+            allow_headers=["Authorization", "Content-Type", "If-None-Match"],
+            expose_headers=EXPOSED_HEADERS,  # the Durable Streams read API's headers
             allow_credentials=False,
             max_age=600,
         ),
         Middleware(OriginGuard, allowed=allowed, metrics=registries),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    app.state.drain_hooks = drain_hooks
+    return app

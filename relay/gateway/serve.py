@@ -26,6 +26,7 @@ import logging
 import resource
 import socket
 from collections import OrderedDict
+from types import FrameType
 from typing import Any
 
 import httptools
@@ -322,10 +323,32 @@ def check_descriptors(config: GlobalConfig) -> int:
     return soft
 
 
+class RelayServer(uvicorn.Server):
+    """uvicorn's server, telling the app when the drain starts (``app.state.drain_hooks``).
+
+    uvicorn closes WebSockets at shutdown but only waits for HTTP responses:
+    the hooks end long-lived HTTP reads (long-poll, SSE) so their clients
+    move to another gateway at once instead of after ``gateway.drain_timeout``.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        state = getattr(self.config.app, "state", None)
+        for hook in getattr(state, "drain_hooks", ()):
+            hook()
+        super().handle_exit(sig, frame)
+
+
 def run_gateway(config: GlobalConfig) -> None:
     """Serve until SIGINT or SIGTERM."""
     check_descriptors(config)
-    uvicorn.Server(uvicorn_config(config)).run()
+    RelayServer(uvicorn_config(config)).run()
 
 
-__all__ = ["check_descriptors", "http_protocol", "run_gateway", "uvicorn_config", "ws_protocol"]
+__all__ = [
+    "RelayServer",
+    "check_descriptors",
+    "http_protocol",
+    "run_gateway",
+    "uvicorn_config",
+    "ws_protocol",
+]

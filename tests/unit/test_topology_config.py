@@ -158,8 +158,9 @@ async def test_every_script_call_is_single_slot(
         assert orch.lease is not None
         lost = str(uuid.uuid4())
         await orch.lease.hold(lost)
-        await orch.publish(lost, {"type": "agent_spawned", "agent_id": lost, "parent_id": None,
-                                  "task_description": "t", "depth": 0, "index": 0, "total": 1})  # fmt: skip
+        spawned = {"type": "agent_spawned", "agent_id": lost, "parent_id": None}
+        spawned |= {"task_description": "t", "depth": 0, "index": 0, "total": 1}
+        await orch.publish(lost, spawned)
         await orch.lease.renew()
         await fake_redis.zadd(keys.leases, {orch.lease.orchestrator_id: 1})  # it stopped
         reaper = Reaper(GlobalConfig(), fake_redis, Metrics())
