@@ -158,7 +158,7 @@ async def test_every_script_call_is_single_slot(
         assert orch.lease is not None
         lost = str(uuid.uuid4())
         await orch.lease.hold(lost)
-        spawned = {"type": "agent_spawned", "agent_id": lost, "parent_id": None}
+        spawned: dict[str, object] = {"type": "agent_spawned", "agent_id": lost, "parent_id": None}
         spawned |= {"task_description": "t", "depth": 0, "index": 0, "total": 1}
         await orch.publish(lost, spawned)
         await orch.lease.renew()
