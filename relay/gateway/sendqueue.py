@@ -191,6 +191,10 @@ class SendQueue:
         """Nothing is queued, neither events nor control items."""
         return not self._events and not self._control
 
+    def reply_waiting(self) -> bool:
+        """A reply frame is next (it is sent before queued events; see :meth:`pop`)."""
+        return bool(self._control) and isinstance(self._control[0][1], str)
+
     def push_event(self, env: Envelope) -> None:
         """Queue an event, applying the overflow policy when full."""
         if self.close_code is not None:
@@ -267,7 +271,7 @@ class SendQueue:
         starts and stream resets stay in order with the events.
         """
         events, control = self._events, self._control
-        reply_first = bool(control) and isinstance(control[0][1], str)
+        reply_first = self.reply_waiting()
         if events and not reply_first and (not control or events[0][0] < control[0][0]):
             _, env = events.popleft()
             self.nbytes -= env.nbytes

@@ -106,7 +106,7 @@ class OrderedWriter:
                     self._flush_metrics()
                     queue.wake.clear()
                     await queue.wake.wait()
-                    if turns.crowded():
+                    if turns.crowded() and not queue.reply_waiting():
                         # An event woke every idle writer at once: take a turn
                         # like the busy ones instead of all sending this pass.
                         await turns.next_turn()
@@ -116,7 +116,14 @@ class OrderedWriter:
                     if not await self._send_next(item):
                         await self._send_event(item)
                 elif isinstance(item, str):
-                    await self._send(item)
+                    # A reply (pong, ack, error) goes out at once, outside the
+                    # turns: at one frame per turn among thousands of busy
+                    # writers a client got one pong per round (a fifth of a
+                    # second) while it pinged ten times a second, and its
+                    # pongs fell further behind for as long as the load
+                    # lasted. Commands are rate limited, so this cannot be
+                    # used to jump the queue with anything but replies.
+                    await self.ws.send_text(item)
                 elif isinstance(item, Begin):
                     await self._begin(item)
                 else:

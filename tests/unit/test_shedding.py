@@ -3,6 +3,7 @@ replies ahead of queued events (see relay/gateway/recent.py and sendqueue.py).""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any, cast
 
@@ -110,3 +111,41 @@ def test_a_reply_goes_before_queued_events_but_a_subscription_start_does_not() -
         '{"type":"pong","command_id":"2"}',
     ]
     assert queue.pop() is None
+
+
+async def test_a_reply_skips_the_turns_of_busy_writers(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    """Among thousands of busy writers a writer got one turn per round; a
+    client pinging faster than that saw its pongs fall behind without end."""
+    from relay.gateway.sendqueue import SendTurns
+    from tests.unit.test_hardening import busy_writer
+
+    sent: list[str] = []
+
+    class Sink:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def send_text(self, text: str) -> None:
+            sent.append(self.name)
+
+    turns = SendTurns(frames_per_round=16)
+    store = RequestStore(fake_redis, KEYS)
+    writers = [busy_writer(Sink("busy"), turns, store, 100, 50) for _ in range(300)]
+    pinger = busy_writer(Sink("pong"), turns, store, 100, 0)
+    tasks = [asyncio.create_task(w.run()) for w in [*writers, pinger]]
+    try:
+        async with asyncio.timeout(5):
+            while len(sent) < 600:  # two full rounds: every busy writer is waiting its turn
+                await asyncio.sleep(0)
+            pinger.queue.push_control('{"type":"pong"}')
+            before = len(sent)
+            while "pong" not in sent:
+                await asyncio.sleep(0)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    # Sent within about one pass of the loop (16 turns), not after a round of 300.
+    assert sent.index("pong") - before < 100, sent.index("pong") - before
