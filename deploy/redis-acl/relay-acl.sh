@@ -64,9 +64,10 @@ case "$role" in
     # cancel check (HEXISTS), the CLI's id lookup (ZREVRANGE, HKEYS).
     # Writes: a cancel (MULTI: SET ... GET + PUBLISH), budget_answer.lua
     # (GET, DEL, HSET, RPUSH, EXPIRE) and epoch_bump.lua (GET, SET), run with
-    # EVALSHA and loaded with SCRIPT LOAD when Redis lost them.
+    # EVALSHA and loaded with SCRIPT LOAD when Redis lost them; snapshot.lua
+    # (HGETALL, GET, STRLEN, GETRANGE: the agents' texts).
     cmds="$common +subscribe +unsubscribe +get +mget +exists +hget +hgetall +hvals +hkeys"
-    cmds+=" +hexists +xrange +zrangebyscore +zrevrangebyscore +zrevrange +zmscore"
+    cmds+=" +hexists +xrange +zrangebyscore +zrevrangebyscore +zrevrange +zmscore +strlen +getrange"
     cmds+=" +set +del +hset +rpush +expire +multi +exec +discard +evalsha +script|load"
     keys="" chans="" pubs=""
     # A pattern must grant every permission a command needs on a key (SET ...
@@ -84,12 +85,13 @@ case "$role" in
     ;;
   orchestrator)
     # publish.lua: TIME GET SET EXISTS DEL HGET HSET XREVRANGE INCR XADD
-    # PUBLISH EXPIRE; budget_add/open/timeout.lua: HINCRBY HSETNX RPUSH;
+    # PUBLISH EXPIRE, and for the agents' texts APPEND GETRANGE HINCRBY HKEYS;
+    # budget_add/open/timeout.lua: HINCRBY HSETNX RPUSH;
     # the publish pipeline: ZADD EXPIRE ZREMRANGEBYSCORE; budget waits: BLPOP
     # HGET GET; cancel checks: GET.
     cmds="$common +evalsha +script|load +time +get +set +exists +del +hget +hset +hsetnx"
     cmds+=" +hincrby +incr +xadd +xrevrange +expire +rpush +blpop +publish"
-    cmds+=" +zadd +zremrangebyscore"
+    cmds+=" +zadd +zremrangebyscore +append +getrange +hkeys"
     keys="" chans="" subs=""
     for t in "$@"; do
       keys+=" %R~relay:$t:* %RW~relay:$t:req:* %RW~relay:$t:active"

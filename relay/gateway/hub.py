@@ -82,7 +82,11 @@ class TenantHub:
         self.log = log
         self._once = LogOnce(self.log)
         self.store = RequestStore(
-            redis, self.keys, config.history.replay_batch, on_skip=self._history_skipped
+            redis,
+            self.keys,
+            config.history.replay_batch,
+            on_skip=self._history_skipped,
+            text_max_bytes=config.snapshot.text_max_bytes,
         )
         self._by_request: dict[str, set[Subscriber]] = {}
         self._firehose: set[Subscriber] = set()

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from relay.gateway.envelope import Envelope, frame_ts, history_seq
 from relay.wire.keys import Keys
-from relay.wire.scripts import as_text
+from relay.wire.scripts import as_text, script
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +50,13 @@ class RequestStore:
         keys: Keys,
         batch: int = 500,
         on_skip: Callable[[str, int, str], None] | None = None,
+        text_max_bytes: int = 16 * 1024,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.batch = batch
+        self.text_max_bytes = text_max_bytes
+        """Per agent, the latest bytes of its text a snapshot carries (0: none)."""
         self.on_skip = on_skip
         """Called with (request_id, seq, why) for a history entry that cannot be parsed."""
 
@@ -138,13 +141,19 @@ class RequestStore:
         return json.loads(raw) if raw is not None else None
 
     async def snapshot(self, request_id: str) -> dict[str, Any]:
-        """The request's current state as one ``snapshot`` frame."""
+        """The request's current state as one ``snapshot`` frame.
+
+        Besides the state it carries each agent's text so far (``texts``),
+        read in the same atomic step as ``seq``: a client that renders the
+        snapshot and then applies the live events with a greater seq shows
+        every delta exactly once.
+        """
         rk = self.keys.request(request_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hgetall(rk.state)
-        pipe.get(rk.pending)
-        pipe.mget([rk.seq, rk.epoch])
-        state, pending, (seq, epoch) = await pipe.execute()
+        reply = await script("snapshot")(
+            self.redis, [rk.state, rk.pending, rk.seq, rk.epoch], [self.text_max_bytes]
+        )
+        flat, pending, seq, epoch, text_rows = reply
+        state = dict(zip(flat[::2], flat[1::2], strict=True))
         agents: list[dict[str, Any]] = []
         extra: dict[str, Any] = {}
         for field, value in state.items():
@@ -173,4 +182,31 @@ class RequestStore:
             "last_decision": extra.get("last_decision"),
             "synthesis_started": b"synthesis_seq" in state,
             "outcome": extra.get("outcome"),
+            "texts": agent_texts(text_rows) if self.text_max_bytes else {},
+            # The seq every text above is complete up to; also ``seq`` today,
+            # named apart so a reader of the texts need not know that.
+            "text_seq": int(seq) if seq is not None else 0,
         }
+
+
+def agent_texts(rows: list[Any]) -> dict[str, dict[str, Any]]:
+    """``texts`` of a snapshot from the snapshot script's rows (agent, total bytes, tail).
+
+    A tail that is not the whole text may begin inside a UTF-8 character:
+    its leading continuation bytes are dropped, so the text starts at a
+    character (and ``truncated`` is true whenever bytes are missing).
+    """
+    texts: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(rows), 3):
+        agent, total, raw = as_text(rows[i]), int(rows[i + 1]), bytes(rows[i + 2])
+        if len(raw) < total:
+            start = 0
+            while start < min(len(raw), 3) and 0x80 <= raw[start] <= 0xBF:
+                start += 1
+            raw = raw[start:]
+        texts[agent] = {
+            "text": raw.decode("utf-8", errors="replace"),
+            "truncated": len(raw) < total,
+            "bytes": total,
+        }
+    return texts

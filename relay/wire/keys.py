@@ -10,6 +10,7 @@ Layout (``T`` is the tenant, ``R`` a request id, ``X`` an agent or request id)::
     relay:T:req:{R}:pending      string  the pending budget pause (JSON), if any
     relay:T:req:{R}:decision     list    wake-ups of pause waiters (pause ids)
     relay:T:req:{R}:decided      hash    pause_id -> "client:<decision>" / "timeout:<decision>"
+    relay:T:req:{R}:text:A       string  agent A's text so far (its latest bytes), for snapshots
     relay:T:cancel:{X}           string  cancel tombstone for agent or request X
     relay:T:active               zset    request ids by last publish time (ms)
 
@@ -60,6 +61,12 @@ class RequestKeys:
     decision: str
     decided: str
     channel: str
+    text_prefix: str
+    """``text_prefix + agent_id`` is the agent's text so far (see :meth:`text`)."""
+
+    def text(self, agent_id: str) -> str:
+        """The key of ``agent_id``'s text so far; the publish script builds the same name."""
+        return self.text_prefix + agent_id
 
     @property
     def script_keys(self) -> list[str]:
@@ -93,6 +100,7 @@ class Keys:
             decision=f"{tag}:decision",
             decided=f"{tag}:decided",
             channel=f"{tag}:events",
+            text_prefix=f"{tag}:text:",
         )
 
     def request_channel(self, request_id: str) -> str:
