@@ -62,7 +62,7 @@ async def publish_request(url: str, rid: str, agents: int, deltas: int) -> int:
         batch: list[dict[str, Any]] = []
         last = 0
         for step in range(deltas):
-            for k, agent in enumerate(ids):
+            for agent in ids:
                 text = f"token{step} "  # about one token, as a model streams them
                 batch.append({"type": "agent_text_delta", "agent_id": agent, "text": text})
             if len(batch) >= 200:
@@ -73,9 +73,7 @@ async def publish_request(url: str, rid: str, agents: int, deltas: int) -> int:
         return last
 
 
-async def join(
-    url: str, last_seq: int, snapshot: bool
-) -> tuple[float, int, int, dict[str, str]]:
+async def join(url: str, last_seq: int, snapshot: bool) -> tuple[float, int, int, dict[str, str]]:
     """Seconds, bytes and frames from connect to every text rendered, and the texts."""
     texts: dict[str, str] = {}
     received = frames = 0
@@ -142,9 +140,9 @@ async def main(args: argparse.Namespace) -> None:
     print(f"{'join':12} {'frames':>8} {'time to rendered (median)':>27} {'bytes':>14}")
     for name, runs in results.items():
         seconds = statistics.median(s for s, _, _ in runs)
-        size = statistics.median(b for _, b, _ in runs)
-        frames = statistics.median(f for _, _, f in runs)
-        print(f"{name:12} {frames:>8,.0f} {seconds * 1000:>24.1f} ms {size:>14,.0f}")
+        median_bytes = statistics.median(float(b) for _, b, _ in runs)
+        count = statistics.median(float(f) for _, _, f in runs)
+        print(f"{name:12} {count:>8,.0f} {seconds * 1000:>24.1f} ms {median_bytes:>14,.0f}")
 
 
 if __name__ == "__main__":

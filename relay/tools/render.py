@@ -222,7 +222,7 @@ class TreeRenderer:
 
     def _on_snapshot(self, f: dict[str, Any]) -> list[str]:
         """The request as it stands: its tree, each agent's status and latest text."""
-        texts = f.get("texts") if isinstance(f.get("texts"), dict) else {}
+        texts: dict[str, Any] = f["texts"] if isinstance(f.get("texts"), dict) else {}
         lines = [f"snapshot of {short(f.get('request_id'))} at seq {f.get('seq')}"]
         drawn: set[str] = set()
         for agent in f.get("agents") or []:

@@ -54,9 +54,7 @@ async def follow(client: WsClient, root: str) -> dict[str, Any]:
     return snap
 
 
-def check_rendered(
-    client: WsClient, snap: dict[str, Any], full: dict[str, str], rid: str
-) -> None:
+def check_rendered(client: WsClient, snap: dict[str, Any], full: dict[str, str], rid: str) -> None:
     """The snapshot's text plus the live deltas after it is each agent's text, once."""
     live = [f for f in client.events(rid) if f["type"] == "agent_text_delta"]
     assert all(f["seq"] > snap["text_seq"] for f in live), "a delta of the snapshot came again"
@@ -139,12 +137,12 @@ async def test_clients_without_a_snapshot_see_the_stream_as_before(
         await pub.publish_many(
             rid, [{"type": "agent_text_delta", "agent_id": root, "text": f"t{i} "}
                   for i in range(200)])  # fmt: skip
-    r = aioredis.Redis.from_url(redis_server.url)
+    r: Any = aioredis.Redis.from_url(redis_server.url)  # replies typed loosely, as bytes
     try:
-        history = [json.loads(f[b"f"]) for _, f in
-                   await r.xrange(Keys().request(rid).history)]  # fmt: skip
+        entries = await r.xrange(Keys().request(rid).history)
     finally:
         await r.aclose()
+    history = [json.loads(fields[b"f"]) for _, fields in entries]
     url = f"{default.ws_url}?request_id={rid}&after_seq=50"
     async with WsClient(url) as resumed:
         await resumed.wait_for(lambda c: len(c.events(rid)) == 151)

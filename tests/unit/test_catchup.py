@@ -151,9 +151,7 @@ async def test_snapshot_then_later_deltas_is_the_whole_text_once(fake_redis: Fak
     rendered = snap["texts"][ROOT]["text"] + "".join(
         e["text"] for e in later if e["seq"] > snap["text_seq"]
     )
-    assert rendered == "".join(f"a{i} " for i in range(300)) + "".join(
-        f"b{i} " for i in range(100)
-    )
+    assert rendered == "".join(f"a{i} " for i in range(300)) + "".join(f"b{i} " for i in range(100))
 
 
 async def test_the_snapshot_keeps_every_field_older_clients_read(fake_redis: FakeRedis) -> None:
@@ -177,7 +175,7 @@ def test_agent_texts_drops_only_continuation_bytes_of_a_cut_tail() -> None:
 
 def test_text_max_bytes_is_validated_and_named() -> None:
     assert GlobalConfig().snapshot.text_max_bytes == 16 * 1024
-    with pytest.raises(ConfigError, match="snapshot.text_max_bytes"):
+    with pytest.raises(ConfigError, match=r"snapshot\.text_max_bytes"):
         load_config(environ={"RELAY_SNAPSHOT_TEXT_MAX_BYTES": str(TEXT_KEEP_BYTES + 1)})
-    with pytest.raises(ConfigError, match="snapshot.text_max_bytes"):
+    with pytest.raises(ConfigError, match=r"snapshot\.text_max_bytes"):
         load_config(environ={"RELAY_SNAPSHOT_TEXT_MAX_BYTES": "-1"})

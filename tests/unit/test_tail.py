@@ -363,7 +363,8 @@ def snapshot_frame() -> dict[str, Any]:
     def agent(aid: str, parent: str | None, status: str, **more: Any) -> dict[str, Any]:
         return {"agent_id": aid, "parent_id": parent, "task_description": f"task {aid[0]}",
                 "depth": 0 if parent is None else 1, "index": more.pop("index", 0),
-                "total": more.pop("total", 1), "status": status, "tokens_used": 0, **more}  # fmt: skip
+                "total": more.pop("total", 1), "status": status, "tokens_used": 0,
+                **more}  # fmt: skip
 
     return {
         "type": "snapshot", "request_id": RID, "epoch": "e1", "seq": 4000,
