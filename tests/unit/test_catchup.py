@@ -105,14 +105,14 @@ async def test_redis_keeps_only_the_latest_text_per_agent(fake_redis: FakeRedis)
     assert text == {"text": full[-TEXT_KEEP_BYTES:], "truncated": True, "bytes": len(full)}
 
 
-async def test_text_keys_share_the_hash_tag_and_ttl_of_the_state(fake_redis: FakeRedis) -> None:
+async def test_text_keys_share_the_hash_tag_and_ttl_of_the_history(fake_redis: FakeRedis) -> None:
     client = RelayClient(fake_redis, owns_connection=False)
     await client.publish(RID, delta(ROOT, "x"))
     rk = Keys("acme").request(RID)
     assert rk.text(ROOT).startswith(rk.state.removesuffix("state"))
     assert "{" + RID + "}" in rk.text(ROOT)
     key = Keys().request(RID).text(ROOT)
-    ttl = GlobalConfig().history.state_ttl_seconds
+    ttl = GlobalConfig().history.ttl_seconds
     assert ttl - 5 <= await fake_redis.ttl(key) <= ttl
     await fake_redis.expire(key, 10)
     await client.publish(RID, delta(ROOT, "y"))  # every delta refreshes it

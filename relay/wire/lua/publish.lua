@@ -322,8 +322,9 @@ if ARGV[9] ~= '0' then
   end
 end
 
--- Text keys appended to by this call, refreshed with the state's TTL at the
--- end (once per agent, however many of its deltas the call carries).
+-- Text keys appended to by this call, refreshed at the end (once per agent,
+-- however many of its deltas the call carries) with the history's TTL: a
+-- text digests the history's deltas, and costs memory as long as they do.
 local texts = nil
 
 local function append_text(ev)
@@ -383,6 +384,6 @@ redis.call('EXPIRE', KEYS[2], state_ttl)
 redis.call('EXPIRE', KEYS[3], hist_ttl)
 redis.call('EXPIRE', KEYS[4], state_ttl)
 if texts ~= nil then
-  for key in pairs(texts) do redis.call('EXPIRE', key, state_ttl) end
+  for key in pairs(texts) do redis.call('EXPIRE', key, hist_ttl) end
 end
 return {epoch, ts, first_seq, seq}
