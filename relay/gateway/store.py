@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from relay.gateway.envelope import Envelope, frame_ts, history_seq
 from relay.wire.keys import Keys
-from relay.wire.scripts import as_text, script
+from relay.wire.scripts import as_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,16 +144,39 @@ class RequestStore:
         """The request's current state as one ``snapshot`` frame.
 
         Besides the state it carries each agent's text so far (``texts``),
-        read in the same atomic step as ``seq``: a client that renders the
+        read in the same ``MULTI`` as ``seq``: a client that renders the
         snapshot and then applies the live events with a greater seq shows
         every delta exactly once.
         """
         rk = self.keys.request(request_id)
-        reply = await script("snapshot")(
-            self.redis, [rk.state, rk.pending, rk.seq, rk.epoch], [self.text_max_bytes]
-        )
-        flat, pending, seq, epoch, text_rows = reply
-        state = dict(zip(flat[::2], flat[1::2], strict=True))
+        # Which agents have text is only known from the state, and the texts
+        # must be those of the very seq read with it: learn the agents (field
+        # "t:<agent_id>"), then read state, seq and their texts in one MULTI,
+        # again if an agent began its text in between (rare: once per agent).
+        # Not a script: EVALSHA would need write access to the keys it
+        # names, which a gateway's Redis user does not have.
+        texted = self._texted(await self.redis.hkeys(rk.state)) if self.text_max_bytes else []
+        for _ in range(_SNAPSHOT_ATTEMPTS):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hgetall(rk.state)
+            pipe.get(rk.pending)
+            pipe.mget([rk.seq, rk.epoch])
+            for agent in texted:
+                pipe.strlen(rk.text(agent))
+                pipe.getrange(rk.text(agent), -self.text_max_bytes, -1)
+            state, pending, (seq, epoch), *tails = await pipe.execute()
+            now = self._texted(state) if self.text_max_bytes else []
+            if set(now) <= set(texted):
+                break
+            texted = now
+        else:
+            raise RuntimeError(f"the texts of {request_id} kept changing while read")
+        rows: list[Any] = []
+        for i, agent in enumerate(texted):
+            length, tail = tails[2 * i], tails[2 * i + 1]
+            if length:
+                cut = int(state.get(b"t:" + agent.encode(), 0))
+                rows += [agent, cut + int(length), tail]
         agents: list[dict[str, Any]] = []
         extra: dict[str, Any] = {}
         for field, value in state.items():
@@ -182,15 +205,24 @@ class RequestStore:
             "last_decision": extra.get("last_decision"),
             "synthesis_started": b"synthesis_seq" in state,
             "outcome": extra.get("outcome"),
-            "texts": agent_texts(text_rows) if self.text_max_bytes else {},
+            "texts": agent_texts(rows),
             # The seq every text above is complete up to; also ``seq`` today,
             # named apart so a reader of the texts need not know that.
             "text_seq": int(seq) if seq is not None else 0,
         }
 
+    @staticmethod
+    def _texted(fields: Any) -> list[str]:
+        """Agents with text among the state's field names (``t:<agent_id>``)."""
+        return [as_text(f)[2:] for f in fields if bytes(f).startswith(b"t:")]
+
+
+_SNAPSHOT_ATTEMPTS = 8
+"""Reads of a snapshot before giving up on agents that keep starting texts."""
+
 
 def agent_texts(rows: list[Any]) -> dict[str, dict[str, Any]]:
-    """``texts`` of a snapshot from the snapshot script's rows (agent, total bytes, tail).
+    """``texts`` of a snapshot from rows of (agent, total bytes, latest bytes).
 
     A tail that is not the whole text may begin inside a UTF-8 character:
     its leading continuation bytes are dropped, so the text starts at a
