@@ -161,9 +161,9 @@ class RequestStore:
             pipe.hgetall(rk.state)
             pipe.get(rk.pending)
             pipe.mget([rk.seq, rk.epoch])
-            for agent in texted:
-                pipe.strlen(rk.text(agent))
-                pipe.getrange(rk.text(agent), -self.text_max_bytes, -1)
+            for aid in texted:
+                pipe.strlen(rk.text(aid))
+                pipe.getrange(rk.text(aid), -self.text_max_bytes, -1)
             state, pending, (seq, epoch), *tails = await pipe.execute()
             now = self._texted(state) if self.text_max_bytes else []
             if set(now) <= set(texted):
@@ -172,11 +172,11 @@ class RequestStore:
         else:
             raise RuntimeError(f"the texts of {request_id} kept changing while read")
         rows: list[Any] = []
-        for i, agent in enumerate(texted):
+        for i, aid in enumerate(texted):
             length, tail = tails[2 * i], tails[2 * i + 1]
             if length:
-                cut = int(state.get(b"t:" + agent.encode(), 0))
-                rows += [agent, cut + int(length), tail]
+                cut = int(state.get(b"t:" + aid.encode(), 0))
+                rows += [aid, cut + int(length), tail]
         agents: list[dict[str, Any]] = []
         extra: dict[str, Any] = {}
         for field, value in state.items():
