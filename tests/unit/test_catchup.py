@@ -179,3 +179,24 @@ def test_text_max_bytes_is_validated_and_named() -> None:
         load_config(environ={"RELAY_SNAPSHOT_TEXT_MAX_BYTES": str(TEXT_KEEP_BYTES + 1)})
     with pytest.raises(ConfigError, match=r"snapshot\.text_max_bytes"):
         load_config(environ={"RELAY_SNAPSHOT_TEXT_MAX_BYTES": "-1"})
+
+
+async def test_an_agent_that_starts_its_text_during_the_read_is_not_lost(
+    fake_redis: FakeRedis,
+) -> None:
+    client = RelayClient(fake_redis, owns_connection=False)
+    await client.publish(RID, delta(ROOT, "first "))
+    store = RequestStore(fake_redis, Keys())
+    real_hkeys = fake_redis.hkeys
+
+    async def hkeys_then_publish(name: str) -> Any:
+        # The agents with text are learned, then another one starts its text
+        # before the state and the texts are read.
+        fields = await real_hkeys(name)
+        await client.publish(RID, delta(CHILD, "late"))
+        return fields
+
+    fake_redis.hkeys = hkeys_then_publish
+    snap = await store.snapshot(RID)
+    assert snap["seq"] == 2
+    assert {a: t["text"] for a, t in snap["texts"].items()} == {ROOT: "first ", CHILD: "late"}
