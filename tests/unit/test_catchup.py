@@ -99,10 +99,17 @@ async def test_redis_keeps_only_the_latest_text_per_agent(fake_redis: FakeRedis)
     full = "".join(t for _, t in deltas)
     key = Keys().request(RID).text(ROOT)
     # Cut back to TEXT_KEEP once past twice that: never more than 2 x 64 KiB.
-    assert TEXT_KEEP_BYTES < await fake_redis.strlen(key) <= 2 * TEXT_KEEP_BYTES
+    assert TEXT_KEEP_BYTES <= await fake_redis.strlen(key) <= 2 * TEXT_KEEP_BYTES
     store = RequestStore(fake_redis, Keys(), text_max_bytes=TEXT_KEEP_BYTES)
     text = (await store.snapshot(RID))["texts"][ROOT]
     assert text == {"text": full[-TEXT_KEEP_BYTES:], "truncated": True, "bytes": len(full)}
+    # One call whose deltas alone outgrow the bound, for a new text: cut at once.
+    big = [(CHILD, f"{i:05d}" + piece) for i in range(150)]
+    await stream(client, big, batch=150)
+    assert await fake_redis.strlen(Keys().request(RID).text(CHILD)) == TEXT_KEEP_BYTES
+    whole = "".join(t for _, t in big)
+    text = (await store.snapshot(RID))["texts"][CHILD]
+    assert text == {"text": whole[-TEXT_KEEP_BYTES:], "truncated": True, "bytes": len(whole)}
 
 
 async def test_text_keys_share_the_hash_tag_and_ttl_of_the_history(fake_redis: FakeRedis) -> None:

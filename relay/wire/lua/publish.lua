@@ -322,27 +322,38 @@ if ARGV[9] ~= '0' then
   end
 end
 
--- Text keys appended to by this call, refreshed at the end (once per agent,
--- however many of its deltas the call carries) with the history's TTL: a
--- text digests the history's deltas, and costs memory as long as they do.
+-- The text of this call's deltas, per agent, appended once per agent at the
+-- end: a batch of deltas then costs one APPEND per agent, not one per delta.
+-- Nothing reads the texts inside the call, so the order of agents is free.
 local texts = nil
 
-local function append_text(ev)
+local function collect_text(ev)
   local piece = ev['text']
   if type(piece) ~= 'string' or piece == '' then return end
   local agent = ev['agent_id']
-  local key = base .. 'text:' .. agent
-  local len = redis.call('APPEND', key, piece)
-  if len == #piece then
-    -- A new text: register it in the state (which is how snapshots find
-    -- it), with nothing cut from its head yet.
-    redis.call('HSET', KEYS[4], 't:' .. agent, 0)
-  elseif len > TEXT_TRIM then
-    redis.call('SET', key, redis.call('GETRANGE', key, -TEXT_KEEP, -1))
-    redis.call('HINCRBY', KEYS[4], 't:' .. agent, len - TEXT_KEEP)
-  end
   if texts == nil then texts = {} end
-  texts[key] = true
+  local pieces = texts[agent]
+  if pieces == nil then texts[agent] = {piece} else pieces[#pieces + 1] = piece end
+end
+
+local function append_texts()
+  for agent, pieces in pairs(texts) do
+    local piece = #pieces == 1 and pieces[1] or table.concat(pieces)
+    local key = base .. 'text:' .. agent
+    local len = redis.call('APPEND', key, piece)
+    if len == #piece then
+      -- A new text: register it in the state (which is how snapshots find
+      -- it), with nothing cut from its head yet.
+      redis.call('HSET', KEYS[4], 't:' .. agent, 0)
+    end
+    if len > TEXT_TRIM then
+      redis.call('SET', key, redis.call('GETRANGE', key, -TEXT_KEEP, -1))
+      redis.call('HINCRBY', KEYS[4], 't:' .. agent, len - TEXT_KEEP)
+    end
+    -- The history's TTL: a text digests the history's deltas, and costs
+    -- memory as long as they do.
+    redis.call('EXPIRE', key, hist_ttl)
+  end
 end
 
 local first_seq = nil
@@ -369,7 +380,7 @@ for i = 10, #ARGV, 2 do
     redis.call('XADD', KEYS[3], 'MAXLEN', hist_max, seq .. '-0', 'f', frame)
   end
   if kind == 'agent_text_delta' then
-    append_text(ev)
+    collect_text(ev)
   elseif is(STATEFUL, kind) then
     update_state(seq, kind, ev)
   end
@@ -383,7 +394,5 @@ redis.call('EXPIRE', KEYS[1], state_ttl)
 redis.call('EXPIRE', KEYS[2], state_ttl)
 redis.call('EXPIRE', KEYS[3], hist_ttl)
 redis.call('EXPIRE', KEYS[4], state_ttl)
-if texts ~= nil then
-  for key in pairs(texts) do redis.call('EXPIRE', key, hist_ttl) end
-end
+if texts ~= nil then append_texts() end
 return {epoch, ts, first_seq, seq}
