@@ -121,9 +121,17 @@ async def test_text_keys_share_the_hash_tag_and_ttl_of_the_history(fake_redis: F
     key = Keys().request(RID).text(ROOT)
     ttl = GlobalConfig().history.ttl_seconds
     assert ttl - 5 <= await fake_redis.ttl(key) <= ttl
+    # Refreshed at every 4 KiB of text (not every delta: an EXPIRE per call
+    # would cost a tenth of a one-delta publish).
     await fake_redis.expire(key, 10)
-    await client.publish(RID, delta(ROOT, "y"))  # every delta refreshes it
-    assert await fake_redis.ttl(key) > 10
+    await client.publish(RID, delta(ROOT, "y" * 100))
+    assert 0 < await fake_redis.ttl(key) <= 10
+    await client.publish(RID, delta(ROOT, "y" * 4000))  # crosses 4096
+    assert ttl - 5 <= await fake_redis.ttl(key) <= ttl
+    # The cut rewrites the key: it keeps a TTL all the same.
+    await client.publish_many(RID, [delta(ROOT, "z" * 1000)] * 140)
+    assert await fake_redis.strlen(key) == TEXT_KEEP_BYTES
+    assert ttl - 5 <= await fake_redis.ttl(key) <= ttl
 
 
 async def test_a_new_incarnation_starts_without_the_old_texts(fake_redis: FakeRedis) -> None:

@@ -92,6 +92,7 @@ local AGENT_SCOPED = [[
 -- serve at most snapshot.text_max_bytes (<= TEXT_KEEP) of it.
 local TEXT_KEEP = 65536
 local TEXT_TRIM = 2 * TEXT_KEEP
+local TEXT_REFRESH = 4096
 
 local function is(set, kind)
   return find(set, '|' .. kind .. '|', 1, true) ~= nil
@@ -341,7 +342,8 @@ local function append_texts()
     local piece = #pieces == 1 and pieces[1] or table.concat(pieces)
     local key = base .. 'text:' .. agent
     local len = redis.call('APPEND', key, piece)
-    if len == #piece then
+    local refresh = len == #piece
+    if refresh then
       -- A new text: register it in the state (which is how snapshots find
       -- it), with nothing cut from its head yet.
       redis.call('HSET', KEYS[4], 't:' .. agent, 0)
@@ -351,8 +353,15 @@ local function append_texts()
       redis.call('HINCRBY', KEYS[4], 't:' .. agent, len - TEXT_KEEP)
     end
     -- The history's TTL: a text digests the history's deltas, and costs
-    -- memory as long as they do.
-    redis.call('EXPIRE', key, hist_ttl)
+    -- memory as long as they do. Refreshed when the text starts, is cut, or
+    -- crosses a multiple of TEXT_REFRESH bytes, not on every delta (an
+    -- EXPIRE per call would be a tenth of a one-delta publish): it may thus
+    -- expire as much earlier than the history as the agent took to stream
+    -- TEXT_REFRESH bytes. A cut (whose SET drops the TTL) always crosses
+    -- one, TEXT_TRIM being a multiple of TEXT_REFRESH.
+    if refresh or math.floor((len - #piece) / TEXT_REFRESH) ~= math.floor(len / TEXT_REFRESH) then
+      redis.call('EXPIRE', key, hist_ttl)
+    end
   end
 end
 
