@@ -160,11 +160,12 @@ class RequestStore:
             pipe = self.redis.pipeline(transaction=True)
             pipe.hgetall(rk.state)
             pipe.get(rk.pending)
-            pipe.mget([rk.seq, rk.epoch])
+            pipe.get(rk.seq)  # two GETs, not an MGET: a cluster pipeline refuses MGET
+            pipe.get(rk.epoch)
             for aid in texted:
                 pipe.strlen(rk.text(aid))
                 pipe.getrange(rk.text(aid), -self.text_max_bytes, -1)
-            state, pending, (seq, epoch), *tails = await pipe.execute()
+            state, pending, seq, epoch, *tails = await pipe.execute()
             now = self._texted(state) if self.text_max_bytes else []
             if set(now) <= set(texted):
                 break
