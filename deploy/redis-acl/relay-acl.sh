@@ -65,7 +65,7 @@ case "$role" in
     # Writes: a cancel (MULTI: SET ... GET + PUBLISH), budget_answer.lua
     # (GET, DEL, HSET, RPUSH, EXPIRE) and epoch_bump.lua (GET, SET), run with
     # EVALSHA and loaded with SCRIPT LOAD when Redis lost them. Snapshots: HKEYS,
-    # then a MULTI of HGETALL, GET, MGET, STRLEN, GETRANGE (the agents' texts).
+    # then a MULTI of HGETALL, GET, STRLEN, GETRANGE (the agents' texts).
     cmds="$common +subscribe +unsubscribe +get +mget +exists +hget +hgetall +hvals +hkeys"
     cmds+=" +hexists +xrange +zrangebyscore +zrevrangebyscore +zrevrange +zmscore +strlen +getrange"
     cmds+=" +set +del +hset +rpush +expire +multi +exec +discard +evalsha +script|load"
