@@ -337,6 +337,23 @@ class HistoryConfig(_Section):
     replay_batch: PositiveInt = 500
 
 
+TEXT_KEEP_BYTES = 64 * 1024
+"""Bytes of each agent's latest text that the publish script keeps (TEXT_KEEP in publish.lua)."""
+
+
+class SnapshotConfig(_Section):
+    """``[snapshot]``: what a ``snapshot`` frame carries besides the state."""
+
+    text_max_bytes: Annotated[int, Field(ge=0, le=TEXT_KEEP_BYTES)] = 16 * 1024
+    """Per agent, the latest bytes of its text so far sent in a snapshot (``texts``).
+
+    A longer text is cut at its head (``truncated: true``): a late joiner
+    continues the text with the live deltas after the snapshot, so the end
+    is what joins up with what it sees next. 0 sends no text. At most 65536,
+    what the publish script keeps per agent.
+    """
+
+
 class CancelConfig(_Section):
     """``[cancel]``: tombstone lifetime and how often orchestrators re-check them.
 
@@ -586,6 +603,7 @@ class GlobalConfig(_Section):
     redis: RedisConfig = RedisConfig()
     gateway: GatewayConfig = GatewayConfig()
     history: HistoryConfig = HistoryConfig()
+    snapshot: SnapshotConfig = SnapshotConfig()
     cancel: CancelConfig = CancelConfig()
     budget: BudgetConfig = BudgetConfig()
     auth: AuthConfig = AuthConfig()

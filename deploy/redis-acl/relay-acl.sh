@@ -76,9 +76,10 @@ case "$role" in
     # cancel check (HEXISTS), the CLI's id lookup (ZREVRANGE, HKEYS).
     # Writes: a cancel (MULTI: SET ... GET + PUBLISH), budget_answer.lua
     # (GET, DEL, HSET, RPUSH, EXPIRE) and epoch_bump.lua (GET, SET), run with
-    # EVALSHA and loaded with SCRIPT LOAD when Redis lost them.
+    # EVALSHA and loaded with SCRIPT LOAD when Redis lost them. Snapshots: HKEYS,
+    # then a MULTI of HGETALL, GET, STRLEN, GETRANGE (the agents' texts).
     cmds="$common +subscribe +unsubscribe +get +mget +exists +hget +hgetall +hvals +hkeys"
-    cmds+=" +hexists +xrange +zrangebyscore +zrevrangebyscore +zrevrange +zmscore"
+    cmds+=" +hexists +xrange +zrangebyscore +zrevrangebyscore +zrevrange +zmscore +strlen +getrange"
     cmds+=" +set +del +hset +rpush +expire +multi +exec +discard +evalsha +script|load"
     cmds+=" $cluster +ssubscribe +sunsubscribe"
     keys="" chans="" pubs=""
@@ -97,13 +98,15 @@ case "$role" in
     ;;
   orchestrator)
     # publish.lua: TIME GET SET EXISTS DEL HGET HMGET HSET XREVRANGE INCR
-    # XADD PUBLISH EXPIRE; budget_add/open/timeout.lua: HINCRBY HSETNX RPUSH;
+    # XADD PUBLISH EXPIRE, and for the agents' texts APPEND GETRANGE HINCRBY HKEYS;
+    # budget_add/open/timeout.lua: HINCRBY HSETNX RPUSH;
     # the publish pipeline: ZADD EXPIRE ZREMRANGEBYSCORE; budget waits: BLPOP
     # HGET GET; cancel checks: GET; the lease (lease_renew.lua, lease_request.lua
     # and its pipelines): ZSCORE ZADD HMGET HDEL SADD SREM EXPIRE, ZREM on close.
     cmds="$common +evalsha +script|load +time +get +set +exists +del +hget +hmget +hset"
     cmds+=" +hsetnx +hdel +hincrby +incr +xadd +xrevrange +expire +rpush +blpop +publish"
-    cmds+=" +zadd +zremrangebyscore +zscore +zrem +sadd +srem $cluster +spublish"
+    cmds+=" +zadd +zremrangebyscore +zscore +zrem +sadd +srem +append +getrange +hkeys"
+    cmds+=" $cluster +spublish"
     keys="" chans="" subs=""
     for t in "$@"; do
       keys+=" %R~relay:$t:* %RW~relay:$t:req:* %RW~relay:$t:active"
@@ -124,6 +127,7 @@ case "$role" in
     cmds="$common +evalsha +script|load +time +get +set +exists +del +hget +hmget +hset"
     cmds+=" +hgetall +incr +xadd +xrevrange +expire +ttl +rpush +publish"
     cmds+=" +zadd +zrangebyscore +zremrangebyscore +zscore +zrem +smembers +srem +scard"
+    cmds+=" +hincrby +hkeys +append +getrange"
     cmds+=" $cluster +spublish"
     keys="" chans=""
     for t in "$@"; do

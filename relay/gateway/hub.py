@@ -92,6 +92,7 @@ class TenantHub:
             config.history.replay_batch,
             on_skip=self._history_skipped,
             recent=recent,
+            text_max_bytes=config.snapshot.text_max_bytes,
         )
         self._by_request: dict[str, set[Subscriber]] = {}
         self._firehose: set[Subscriber] = set()

@@ -52,12 +52,15 @@ class RequestStore:
         batch: int = 500,
         on_skip: Callable[[str, int, str], None] | None = None,
         recent: RecentEvents | None = None,
+        text_max_bytes: int = 16 * 1024,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.batch = batch
         self.recent = recent
         """Events this process delivered lately: ranges it holds are not read from Redis."""
+        self.text_max_bytes = text_max_bytes
+        """Per agent, the latest bytes of its text a snapshot carries (0: none)."""
         self.on_skip = on_skip
         """Called with (request_id, seq, why) for a history entry that cannot be parsed."""
 
@@ -148,13 +151,43 @@ class RequestStore:
         return json.loads(raw) if raw is not None else None
 
     async def snapshot(self, request_id: str) -> dict[str, Any]:
-        """The request's current state as one ``snapshot`` frame."""
+        """The request's current state as one ``snapshot`` frame.
+
+        Besides the state it carries each agent's text so far (``texts``),
+        read in the same ``MULTI`` as ``seq``: a client that renders the
+        snapshot and then applies the live events with a greater seq shows
+        every delta exactly once.
+        """
         rk = self.keys.request(request_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hgetall(rk.state)
-        pipe.get(rk.pending)
-        pipe.mget([rk.seq, rk.epoch])
-        state, pending, (seq, epoch) = await pipe.execute()
+        # Which agents have text is only known from the state, and the texts
+        # must be those of the very seq read with it: learn the agents (field
+        # "t:<agent_id>"), then read state, seq and their texts in one MULTI,
+        # again if an agent began its text in between (rare: once per agent).
+        # Not a script: EVALSHA would need write access to the keys it
+        # names, which a gateway's Redis user does not have.
+        texted = self._texted(await self.redis.hkeys(rk.state)) if self.text_max_bytes else []
+        for _ in range(_SNAPSHOT_ATTEMPTS):
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hgetall(rk.state)
+            pipe.get(rk.pending)
+            pipe.get(rk.seq)  # two GETs, not an MGET: a cluster pipeline refuses MGET
+            pipe.get(rk.epoch)
+            for aid in texted:
+                pipe.strlen(rk.text(aid))
+                pipe.getrange(rk.text(aid), -self.text_max_bytes, -1)
+            state, pending, seq, epoch, *tails = await pipe.execute()
+            now = self._texted(state) if self.text_max_bytes else []
+            if set(now) <= set(texted):
+                break
+            texted = now
+        else:
+            raise RuntimeError(f"the texts of {request_id} kept changing while read")
+        rows: list[Any] = []
+        for i, aid in enumerate(texted):
+            length, tail = tails[2 * i], tails[2 * i + 1]
+            if length:
+                cut = int(state.get(b"t:" + aid.encode(), 0))
+                rows += [aid, cut + int(length), tail]
         agents: list[dict[str, Any]] = []
         extra: dict[str, Any] = {}
         for field, value in state.items():
@@ -183,4 +216,40 @@ class RequestStore:
             "last_decision": extra.get("last_decision"),
             "synthesis_started": b"synthesis_seq" in state,
             "outcome": extra.get("outcome"),
+            "texts": agent_texts(rows),
+            # The seq every text above is complete up to; also ``seq`` today,
+            # named apart so a reader of the texts need not know that.
+            "text_seq": int(seq) if seq is not None else 0,
         }
+
+    @staticmethod
+    def _texted(fields: Any) -> list[str]:
+        """Agents with text among the state's field names (``t:<agent_id>``)."""
+        return [as_text(f)[2:] for f in fields if bytes(f).startswith(b"t:")]
+
+
+_SNAPSHOT_ATTEMPTS = 8
+"""Reads of a snapshot before giving up on agents that keep starting texts."""
+
+
+def agent_texts(rows: list[Any]) -> dict[str, dict[str, Any]]:
+    """``texts`` of a snapshot from rows of (agent, total bytes, latest bytes).
+
+    A tail that is not the whole text may begin inside a UTF-8 character:
+    its leading continuation bytes are dropped, so the text starts at a
+    character (and ``truncated`` is true whenever bytes are missing).
+    """
+    texts: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(rows), 3):
+        agent, total, raw = as_text(rows[i]), int(rows[i + 1]), bytes(rows[i + 2])
+        if len(raw) < total:
+            start = 0
+            while start < min(len(raw), 3) and 0x80 <= raw[start] <= 0xBF:
+                start += 1
+            raw = raw[start:]
+        texts[agent] = {
+            "text": raw.decode("utf-8", errors="replace"),
+            "truncated": len(raw) < total,
+            "bytes": total,
+        }
+    return texts

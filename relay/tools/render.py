@@ -4,7 +4,9 @@
 box-drawing tree (``├──``, ``└──``, ``│``) per spawn batch, a
 ``[tokens: 12,450 / 500,000]`` counter, and one line per failure,
 cancellation, depth limit, cycle and synthesis start, plus relay's own notices
-(``lagged``, ``resync_required``, ``budget_decision``, errors). It does no I/O,
+(``lagged``, ``resync_required``, ``budget_decision``, errors), and for a
+``snapshot`` the tree so far with the latest words of each agent's text, so a
+late joiner sees where a long request stands at once. It does no I/O,
 so it is tested with plain frame sequences; ``relay tail`` drives it.
 
 Every string in a frame is untrusted (LLM output, task descriptions, error
@@ -22,6 +24,8 @@ K = TypeVar("K")
 V = TypeVar("V")
 REMEMBER_MAX = 10_000
 """Entries a long-running console keeps per table before forgetting the oldest."""
+TEXT_EXCERPT = 240
+"""Characters of an agent's text so far that a snapshot shows below it (the latest)."""
 
 
 def remember(table: dict[K, V], key: K, value: V, limit: int = REMEMBER_MAX) -> None:
@@ -215,6 +219,46 @@ class TreeRenderer:
         return [f"⏸ workflow paused at step {f.get('step_id')}: {f.get('reason')}"]
 
     # ------------------------------------------------------------ relay frames
+
+    def _on_snapshot(self, f: dict[str, Any]) -> list[str]:
+        """The request as it stands: its tree, each agent's status and latest text."""
+        texts: dict[str, Any] = f["texts"] if isinstance(f.get("texts"), dict) else {}
+        lines = [f"snapshot of {short(f.get('request_id'))} at seq {f.get('seq')}"]
+        drawn: set[str] = set()
+        for agent in f.get("agents") or []:
+            if not isinstance(agent, dict):
+                continue
+            aid = str(agent.get("agent_id"))
+            drawn.add(aid)
+            lines += self._on_agent_spawned(agent)
+            lines += self._excerpt(aid, texts.get(aid))
+            status = agent.get("status")
+            if status == "completed":
+                lines += self._on_agent_completed(agent)
+            elif status in ("failed", "retrying"):
+                lines += self._on_agent_failed({**agent, "will_retry": status == "retrying"})
+            elif status == "cancelled":
+                lines += self._on_agent_cancelled(agent)
+        for aid, text in texts.items():
+            if aid not in drawn:  # text of an agent whose spawn was never published
+                lines += self._excerpt(aid, text)
+        budget = f.get("budget")
+        if isinstance(budget, dict) and budget.get("tokens_used") is not None:
+            counter = self._tokens(budget)
+            if not self.live_counter:
+                lines.append(counter)
+        return lines
+
+    def _excerpt(self, agent_id: str, text: object) -> list[str]:
+        """One line with the end of an agent's text so far (whitespace folded)."""
+        if not isinstance(text, dict) or not isinstance(text.get("text"), str):
+            return []
+        words = " ".join(text["text"].split())
+        if not words:
+            return []
+        cut = bool(text.get("truncated")) or len(words) > TEXT_EXCERPT
+        words = ("…" if cut else "") + words[-TEXT_EXCERPT:]
+        return self._status({"agent_id": agent_id}, "┊", words)
 
     def _on_lagged(self, f: dict[str, Any]) -> list[str]:
         return [f"… lagged: {f.get('skipped')} events of {short(f.get('request_id'))} skipped"]

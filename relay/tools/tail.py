@@ -121,6 +121,10 @@ class Console:
                 command["after_seq"] = self.last_seq[rid]
                 if rid in self.epoch:
                     command["epoch"] = self.epoch[rid]
+            else:
+                # Joining: the request as it stands, texts so far included,
+                # in one frame; live events follow from its seq.
+                command["snapshot"] = True
             await ws.send(json.dumps(command))
         self.connected = True
         sender = asyncio.create_task(self._send_loop(ws), name="relay-tail-sender")
@@ -184,7 +188,16 @@ class Console:
             return
         if kind == "agent_spawned" and frame.get("parent_id") is None:
             remember(self._roots, rid, str(frame.get("agent_id")))
-        if kind == "subscribed":
+        if kind == "snapshot":
+            for agent in frame.get("agents") or []:
+                if isinstance(agent, dict) and agent.get("parent_id") is None:
+                    remember(self._roots, rid, str(agent.get("agent_id")))
+            if isinstance(frame.get("epoch"), str):
+                self.epoch[rid] = frame["epoch"]
+            if isinstance(frame.get("seq"), int):
+                # Live events follow from here; a reconnect resumes after it.
+                remember(self.last_seq, rid, frame["seq"])
+        elif kind == "subscribed":
             if isinstance(frame.get("epoch"), str):
                 self.epoch[rid] = frame["epoch"]
             # Live from here unless we asked to resume from an earlier seq.

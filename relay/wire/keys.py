@@ -14,6 +14,7 @@ Layout (``T`` is the tenant, ``R`` a request id, ``X`` an agent or request id)::
     relay:T:orch:{O}:requests    set     request ids orchestrator O holds
     relay:T:leases:{T}           zset    orchestrator id -> lease deadline (ms, Redis clock)
     relay:T:leases:{T}:lost      zset    orchestrator id -> when it was declared lost (ms)
+    relay:T:req:{R}:text:A       string  agent A's text so far (its latest bytes), for snapshots
     relay:T:cancel:{X}           string  cancel tombstone for agent or request X
     relay:T:active               zset    request ids by last publish time (ms)
 
@@ -121,6 +122,12 @@ class RequestKeys:
     channel: str
     lease: str
     """Which orchestrators hold the request, and whether it was declared lost."""
+    text_prefix: str
+    """``text_prefix + agent_id`` is the agent's text so far (see :meth:`text`)."""
+
+    def text(self, agent_id: str) -> str:
+        """The key of ``agent_id``'s text so far; the publish script builds the same name."""
+        return self.text_prefix + agent_id
 
     @property
     def script_keys(self) -> list[str]:
@@ -159,6 +166,7 @@ class Keys:
             decided=f"{tag}:decided",
             channel=f"{tag}:events",
             lease=f"{tag}:lease",
+            text_prefix=f"{tag}:text:",
         )
 
     def request_channel(self, request_id: str) -> str:

@@ -59,7 +59,23 @@ SERVER_FRAMES: dict[str, dict[str, Any]] = {
             "pending_decision",
             "outcome",
         ],
-        "properties": {"agents": {"type": "array"}},
+        "properties": {
+            "agents": {"type": "array"},
+            # Compact catch-up (relay): each agent's text so far, as of text_seq.
+            "texts": {
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["text", "truncated", "bytes"],
+                    "properties": {
+                        "text": {"type": "string"},
+                        "truncated": {"type": "boolean"},
+                        "bytes": {"type": "integer", "minimum": 0},
+                    },
+                },
+            },
+            "text_seq": {"type": "integer", "minimum": 0},
+        },
     },
     "budget_pending": {
         "required": [

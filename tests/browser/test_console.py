@@ -22,7 +22,7 @@ import pytest
 import redis
 from playwright.async_api import Browser, Page, WebSocketRoute, async_playwright, expect
 
-from tests.support import Gateway, RedisServer, RelayProcess
+from tests.support import Gateway, RedisServer, RelayProcess, eventually
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -326,3 +326,67 @@ async def test_the_console_holds_no_tenant_wide_channel(
         client.close()
     assert "relay:default:events" not in channels, channels
     assert f"relay:default:req:{{{rid}}}:events" in channels, channels
+
+
+def streamed_texts(redis_server: RedisServer, rid: str) -> dict[str, str]:
+    """Each agent's whole text, rebuilt from the request's history in Redis."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(
+            f"relay:default:req:{{{rid}}}:history"))  # fmt: skip
+    finally:
+        client.close()
+    texts: dict[str, str] = {}
+    for _, fields in entries:
+        event = json.loads(fields[b"f"])
+        if event["type"] == "agent_text_delta":
+            texts[event["agent_id"]] = texts.get(event["agent_id"], "") + event["text"]
+    return texts
+
+
+async def test_a_late_joiner_shows_the_text_so_far_from_the_snapshot(
+    browser: Browser, simulate: StartSim, gateway: Gateway, redis_server: RedisServer
+) -> None:
+    """A finished request opened afterwards shows every agent's text, and no delta
+    crossed the socket: it all came in the snapshot. A request joined mid-run
+    then shows each text exactly once when it ends (snapshot + live deltas)."""
+    done, proc = simulate(
+        "--agents", "3", "--deltas", "40", "--delta-interval", "0", "--tokens-per-delta", "5"
+    )
+    assert proc.wait(60) == 0, proc.output()
+    texts = streamed_texts(redis_server, done)
+    assert len(texts) >= 3
+    context = await browser.new_context(viewport={"width": 1400, "height": 900})
+    page = await context.new_page()
+    received: list[str] = []
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda p: received.append(str(p))))
+    await page.goto(f"{gateway.http}/#open={done}")
+    await expect(page.get_by_test_id(f"panel-status-{done}")).to_have_text("completed")
+    for agent, text in texts.items():
+        await expect(page.get_by_test_id(f"agent-text-{agent}")).to_have_text(text[-2048:])
+    assert any('"snapshot"' in f for f in received)
+    assert not [f for f in received if '"agent_text_delta"' in f]
+    await context.close()
+
+    # Joined while its agents stream: the text so far, then the rest, once.
+    live, running = simulate(
+        "--agents", "3", "--deltas", "120", "--delta-interval", "0.02", "--tokens-per-delta", "5"
+    )
+    await eventually(
+        lambda: len(streamed_texts(redis_server, live)) >= 2, 30, "the run streams text"
+    )
+    context = await browser.new_context(viewport={"width": 1400, "height": 900})
+    page = await context.new_page()
+    await page.goto(f"{gateway.http}/#open={live}")
+    await expect(page.get_by_test_id(f"panel-status-{live}")).to_have_text(
+        "completed", timeout=60_000
+    )
+    assert running.wait(30) == 0, running.output()
+    final = streamed_texts(redis_server, live)
+    for agent, text in final.items():
+        shown = await page.evaluate(
+            "([rid, aid]) => window.relayConsole.store.views.get(rid).agents.get(aid).text",
+            [live, agent],
+        )
+        assert shown == text[-2048:], agent
+    await context.close()

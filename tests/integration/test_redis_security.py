@@ -347,6 +347,18 @@ async def test_gateway_and_orchestrator_work_over_tls_as_their_acl_users(
                 )
                 await viewer.wait_for(lambda c: len(c.events(rid)) == 2)  # live
 
+                # Texts for snapshots: APPEND, and past 128 KiB the cut (GETRANGE,
+                # SET, HINCRBY); the gateway's snapshot read (HKEYS, then STRLEN
+                # and GETRANGE in the MULTI with the state).
+                piece = {"type": "agent_text_delta", "agent_id": aid, "text": "t" * 1000}
+                for _ in range(3):
+                    await orch.publish_many(rid, [piece] * 50)
+                snap_url = f"{gw.ws_url}?request_id={rid}&snapshot=1&token={token}"
+                async with WsClient(snap_url) as joiner:
+                    await joiner.wait_for(lambda c: bool(c.of_type("snapshot")))
+                    text = joiner.of_type("snapshot")[0]["texts"][aid]
+                    assert text["bytes"] == 150_000 and text["truncated"], text
+
                 ack = await viewer.request({"type": "cancel_agent", "agent_id": aid}, "ack")
                 assert ack["type"] == "ack", ack
                 assert await asyncio.wait_for(cancelled.wait(), 10)

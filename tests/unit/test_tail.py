@@ -354,3 +354,85 @@ def test_raw_json_mode_strips_c1_controls_json_carries_unescaped() -> None:
     c, out = console(raw_json=True)
     c.on_message('{"type":"synthesis_started","request_id":"%s","x":"a\u009b2Jb"}' % RID)
     assert out.getvalue() == '{"type":"synthesis_started","request_id":"%s","x":"ab"}\n' % RID
+
+
+# ---------------------------------------------------------------- late join: snapshot
+
+
+def snapshot_frame() -> dict[str, Any]:
+    def agent(aid: str, parent: str | None, status: str, **more: Any) -> dict[str, Any]:
+        return {"agent_id": aid, "parent_id": parent, "task_description": f"task {aid[0]}",
+                "depth": 0 if parent is None else 1, "index": more.pop("index", 0),
+                "total": more.pop("total", 1), "status": status, "tokens_used": 0,
+                **more}  # fmt: skip
+
+    return {
+        "type": "snapshot", "request_id": RID, "epoch": "e1", "seq": 4000,
+        "agents": [
+            agent(ROOT, None, "running"),
+            agent(A, ROOT, "completed", index=0, total=2, tokens_used=120, duration_ms=1500,
+                  result_summary="done"),
+            agent(B, ROOT, "running", index=1, total=2),
+        ],
+        "budget": {"tokens_used": 1200, "budget_total": 10_000},
+        "pending_decision": None, "last_decision": None, "synthesis_started": False,
+        "outcome": None, "text_seq": 4000,
+        "texts": {
+            ROOT: {"text": "plan:\n  first   second", "truncated": False, "bytes": 22},
+            B: {"text": "x" * 300 + " the latest words", "truncated": True, "bytes": 90_000},
+            C: {"text": "no spawn seen", "truncated": False, "bytes": 13},
+        },
+    }  # fmt: skip
+
+
+def test_a_snapshot_draws_the_tree_with_each_agents_latest_text() -> None:
+    lines = TreeRenderer().feed(snapshot_frame())
+    assert lines[:3] == [
+        "snapshot of 5b0e5a4e at seq 4000",
+        f"task 0 [{ROOT[:8]}]",
+        f"┊ [{ROOT[:8]}] plan: first second",
+    ]
+    assert lines[3] == f"├── task 1 [{A[:8]}] (1/2)"
+    assert lines[4] == f"│   ✓ [{A[:8]}] completed in 1.5s, 120 tokens: done"
+    assert lines[5] == f"└── task 2 [{B[:8]}] (2/2)"
+    # A long or cut text shows its end, marked as such.
+    assert lines[6].startswith(f"    ┊ [{B[:8]}] …x") and lines[6].endswith("x the latest words")
+    assert len(lines[6]) < 300
+    assert lines[7] == f"┊ [{C[:8]}] no spawn seen"
+    assert lines[8] == "[tokens: 1,200 / 10,000]"
+
+
+def test_live_events_after_a_snapshot_draw_under_its_tree() -> None:
+    r = TreeRenderer()
+    r.feed(snapshot_frame())
+    assert r.feed(frame("agent_cancelled", agent_id=B, reason="stop")) == [
+        f"    ⊘ [{B[:8]}] cancelled: stop"
+    ]
+
+
+class FakeSocket(FakeWs):
+    """A connection that closes at once after the subscriptions were sent."""
+
+    def __aiter__(self) -> FakeSocket:
+        return self
+
+    async def __anext__(self) -> str:
+        raise StopAsyncIteration
+
+
+async def test_tail_joins_with_a_snapshot_and_resumes_after_it() -> None:
+    c, _ = console()
+    first = FakeSocket()
+    await c._serve(first)
+    assert first.sent == [{"type": "subscribe", "request_id": RID, "snapshot": True}]
+    c.on_message(json.dumps({"type": "subscribed", "request_id": RID, "epoch": "e1", "seq": 3990}))
+    c.on_message(json.dumps(snapshot_frame()))
+    assert c.last_seq == {RID: 4000} and c._roots == {RID: ROOT}
+    again = FakeSocket()
+    await c._serve(again)
+    assert again.sent == [{"type": "subscribe", "request_id": RID, "after_seq": 4000,
+                           "epoch": "e1"}]  # fmt: skip
+    explicit, _ = console(after_seq=5)
+    resumed = FakeSocket()
+    await explicit._serve(resumed)
+    assert resumed.sent == [{"type": "subscribe", "request_id": RID, "after_seq": 5}]

@@ -11,6 +11,12 @@
 --                          with "ERR relay: orchestrator lost: ...", so an
 --                          orchestrator that comes back cannot resurrect it.
 --
+-- Also written, named from KEYS[1] (same hash tag, so same cluster slot):
+--   <base>text:<agent_id>  string  the agent's text so far: every
+--   agent_text_delta's "text" appended, cut to its latest TEXT_KEEP bytes
+--   whenever it outgrows TEXT_TRIM; state field "t:<agent_id>" counts the
+--   bytes cut from its head (see docs/PROTOCOL.md, compact catch-up).
+--
 -- ARGV[1] request_id (lowercase hyphenated uuid)
 -- ARGV[2] epoch candidate: used only when the request has no epoch yet
 -- ARGV[3] history max events (stream MAXLEN, exact)
@@ -92,6 +98,15 @@ local AGENT_SCOPED = [[
 |agent_spawned|agent_text_delta|agent_completed|agent_failed|agent_cancelled|
 |depth_limit_reached|cycle_detected|memory_created|
 ]]
+
+-- The text kept per agent for snapshots: the latest TEXT_KEEP bytes. The
+-- key is cut back only once it exceeds TEXT_TRIM, so a delta costs an APPEND
+-- (amortised O(delta)), not a copy of the whole text; the cut itself copies
+-- TEXT_KEEP bytes once every TEXT_TRIM - TEXT_KEEP bytes of text. Gateways
+-- serve at most snapshot.text_max_bytes (<= TEXT_KEEP) of it.
+local TEXT_KEEP = 65536
+local TEXT_TRIM = 2 * TEXT_KEEP
+local TEXT_REFRESH = 4096
 
 local function is(set, kind)
   return find(set, '|' .. kind .. '|', 1, true) ~= nil
@@ -226,6 +241,10 @@ if not epoch or redis.call('EXISTS', KEYS[1]) == 0 then
   -- clients holding an old seq are told to resync, and so that INCR can never
   -- fall below the history's newest entry.
   epoch = ARGV[2]
+  -- The old incarnation's texts go with its state: the state lists them.
+  for _, name in ipairs(redis.call('HKEYS', KEYS[4])) do
+    if sub(name, 1, 2) == 't:' then redis.call('DEL', base .. 'text:' .. sub(name, 3)) end
+  end
   redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
   redis.call('SET', KEYS[2], epoch)
 end
@@ -332,6 +351,48 @@ if ARGV[9] ~= '0' then
   end
 end
 
+-- The text of this call's deltas, per agent, appended once per agent at the
+-- end: a batch of deltas then costs one APPEND per agent, not one per delta.
+-- Nothing reads the texts inside the call, so the order of agents is free.
+local texts = nil
+
+local function collect_text(ev)
+  local piece = ev['text']
+  if type(piece) ~= 'string' or piece == '' then return end
+  local agent = ev['agent_id']
+  if texts == nil then texts = {} end
+  local pieces = texts[agent]
+  if pieces == nil then texts[agent] = {piece} else pieces[#pieces + 1] = piece end
+end
+
+local function append_texts()
+  for agent, pieces in pairs(texts) do
+    local piece = #pieces == 1 and pieces[1] or table.concat(pieces)
+    local key = base .. 'text:' .. agent
+    local len = redis.call('APPEND', key, piece)
+    local refresh = len == #piece
+    if refresh then
+      -- A new text: register it in the state (which is how snapshots find
+      -- it), with nothing cut from its head yet.
+      redis.call('HSET', KEYS[4], 't:' .. agent, 0)
+    end
+    if len > TEXT_TRIM then
+      redis.call('SET', key, redis.call('GETRANGE', key, -TEXT_KEEP, -1))
+      redis.call('HINCRBY', KEYS[4], 't:' .. agent, len - TEXT_KEEP)
+    end
+    -- The history's TTL: a text digests the history's deltas, and costs
+    -- memory as long as they do. Refreshed when the text starts, is cut, or
+    -- crosses a multiple of TEXT_REFRESH bytes, not on every delta (an
+    -- EXPIRE per call would be a tenth of a one-delta publish): it may thus
+    -- expire as much earlier than the history as the agent took to stream
+    -- TEXT_REFRESH bytes. A cut (whose SET drops the TTL) always crosses
+    -- one, TEXT_TRIM being a multiple of TEXT_REFRESH.
+    if refresh or math.floor((len - #piece) / TEXT_REFRESH) ~= math.floor(len / TEXT_REFRESH) then
+      redis.call('EXPIRE', key, hist_ttl)
+    end
+  end
+end
+
 local first_seq = nil
 local seq = 0
 n = 0
@@ -355,7 +416,11 @@ for i = 10, #ARGV, 2 do
   else
     redis.call('XADD', KEYS[3], 'MAXLEN', hist_max, seq .. '-0', 'f', frame)
   end
-  if is(STATEFUL, kind) then update_state(seq, kind, ev) end
+  if kind == 'agent_text_delta' then
+    collect_text(ev)
+  elseif is(STATEFUL, kind) then
+    update_state(seq, kind, ev)
+  end
   local msg = epoch .. ' ' .. seq .. ' ' .. rid .. ' ' .. kind .. ' ' .. ts .. '\n' .. frame
   redis.call(PUBLISH, ARGV[6], msg)
   redis.call(PUBLISH, ARGV[7], msg)
@@ -366,4 +431,5 @@ redis.call('EXPIRE', KEYS[1], state_ttl)
 redis.call('EXPIRE', KEYS[2], state_ttl)
 redis.call('EXPIRE', KEYS[3], hist_ttl)
 redis.call('EXPIRE', KEYS[4], state_ttl)
+if texts ~= nil then append_texts() end
 return {epoch, ts, first_seq, seq}

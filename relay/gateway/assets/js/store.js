@@ -182,6 +182,15 @@ export function applySnapshot(view, snap) {
     view.agents.set(a.id, a);
     view.dirty.add(a.id);
   }
+  // Each agent's text so far (its latest bytes when long), complete up to
+  // text_seq: the live deltas after it continue it, so a late joiner shows
+  // the text at once instead of replaying every delta. A gateway without
+  // texts sends none; the text then starts with the next delta, as before.
+  const texts = snap.texts && typeof snap.texts === "object" ? snap.texts : {};
+  for (const [id, t] of Object.entries(texts)) {
+    if (!t || typeof t.text !== "string") continue;
+    agentOf(view, id).text = t.text.slice(-TEXT_KEEP);
+  }
   view.budget = snap.budget || null;
   view.pending = snap.pending_decision || null;
   view.answering = null;
