@@ -319,6 +319,16 @@ class AuthConfig(_Section):
         return value
 
 
+class SseConfig(_Section):
+    """``[sse]``: the Server-Sent Events endpoint ``GET /sse/events``."""
+
+    heartbeat_interval: PositiveFloat = 15.0
+    """Seconds of silence after which a comment line is sent: proxies (HAProxy's
+    ``timeout server``, nginx's ``proxy_read_timeout``) cut idle responses."""
+    retry_ms: PositiveInt = 1000
+    """The ``retry:`` field: how long a browser waits before reconnecting."""
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -384,6 +394,7 @@ class GlobalConfig(_Section):
     auth: AuthConfig = AuthConfig()
     log: LogConfig = LogConfig()
     limits: LimitsConfig = LimitsConfig()
+    sse: SseConfig = SseConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -42,6 +42,7 @@ from relay.gateway.hub import Hub
 from relay.gateway.limits import HTTP_STATUS, Limits, read_body, subject_key
 from relay.gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.gateway.sendqueue import SendTurns
+from relay.gateway.sse import Drain, events_sse
 from relay.gateway.static import console_routes
 from relay.wire.commands import CommandError, load_object
 
@@ -242,6 +243,7 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
 
     routes = [
         WebSocketRoute("/ws/events", events_ws),
+        Route("/sse/events", events_sse, methods=["GET"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
@@ -263,4 +265,6 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         ),
         Middleware(OriginGuard, allowed=allowed, metrics=registries),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+    app.state.drain = Drain()  # open SSE streams, ended first on shutdown (serve.py)
+    return app

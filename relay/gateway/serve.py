@@ -37,6 +37,7 @@ from websockets.frames import Frame
 from relay.config import GlobalConfig, LimitsConfig
 from relay.gateway.app import create_app
 from relay.gateway.limits import CLOSE_MESSAGE_TOO_BIG, CLOSE_TRY_AGAIN_LATER
+from relay.gateway.sse import Drain
 from relay.logs import LogOnce
 
 log = logging.getLogger(__name__)
@@ -322,10 +323,34 @@ def check_descriptors(config: GlobalConfig) -> int:
     return soft
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server; on shutdown it first ends the app's HTTP streams (SSE).
+
+    uvicorn waits up to ``timeout_graceful_shutdown`` for running responses,
+    and a stream never finishes by itself: each one is ended with a ``close``
+    event instead, so its client reconnects to another gateway at once.
+    Listening sockets are closed in the same step, before any stream sees
+    the signal, so nobody reconnects to this process.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        if isinstance(drain, Drain):
+            drain.start()
+        await super().shutdown(sockets)
+
+
 def run_gateway(config: GlobalConfig) -> None:
     """Serve until SIGINT or SIGTERM."""
     check_descriptors(config)
-    uvicorn.Server(uvicorn_config(config)).run()
+    GatewayServer(uvicorn_config(config)).run()
 
 
-__all__ = ["check_descriptors", "http_protocol", "run_gateway", "uvicorn_config", "ws_protocol"]
+__all__ = [
+    "GatewayServer",
+    "check_descriptors",
+    "http_protocol",
+    "run_gateway",
+    "uvicorn_config",
+    "ws_protocol",
+]
