@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import fakeredis
@@ -39,47 +38,10 @@ from relay.gateway.sse import (
 from relay.gateway.store import RequestStore
 from relay.orchestrator.client import RelayClient
 from relay.wire.keys import Keys
+from tests.sseclient import Message, parse_stream
 from tests.unit.test_connection import RecordingHub
 
 AGENT = str(uuid.uuid4())
-
-
-@dataclass
-class Message:
-    """One parsed SSE block: fields as the EventSource algorithm reads them."""
-
-    id: str | None = None
-    event: str | None = None
-    data: list[str] = field(default_factory=list)
-    comments: list[str] = field(default_factory=list)
-    retry: str | None = None
-
-    def frame(self) -> dict[str, Any]:
-        value: dict[str, Any] = json.loads("\n".join(self.data))
-        return value
-
-
-def parse_stream(raw: bytes) -> list[Message]:
-    """Split an event-stream body into its blocks (the last, unfinished one is left out)."""
-    out: list[Message] = []
-    text = raw.decode()
-    for block in text.split("\n\n")[:-1]:
-        msg = Message()
-        for line in block.split("\n"):
-            name, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if name == "":
-                msg.comments.append(value)
-            elif name == "id":
-                msg.id = value
-            elif name == "event":
-                msg.event = value
-            elif name == "data":
-                msg.data.append(value)
-            elif name == "retry":
-                msg.retry = value
-        out.append(msg)
-    return out
 
 
 class FakeAsgi:
