@@ -138,7 +138,7 @@ class World:
         rid, query = stream_query(QueryParams(params), last_event_id)
         asgi = FakeAsgi()
         sock = SseSocket(
-            asgi.receive,  # type: ignore[arg-type]
+            asgi.receive,
             asgi.send,  # type: ignore[arg-type]
             request_id=rid,
             query=query,
