@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -107,6 +108,11 @@ class SseClient:
         self.response_headers: dict[str, str] = {}
         self.task: asyncio.Task[None] | None = None
         self.open = asyncio.Event()
+        self.flowing = asyncio.Event()
+        """Cleared: the client stops reading (the kernel buffers fill, then the gateway's queue)."""
+        self.flowing.set()
+        self.receive_buffer = 0
+        """SO_RCVBUF of the socket (0: the kernel's autotuning), so a paused client stalls soon."""
 
     # ---------------------------------------------------------------- reading
 
@@ -158,7 +164,16 @@ class SseClient:
             await asyncio.sleep(self.retry_ms / 1000)
 
     async def _once(self) -> bool:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
+        sock = socket.socket()
+        if self.receive_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (self.host, self.port))
+        except BaseException:
+            sock.close()
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock, limit=16384)
         try:
             head = {"Host": f"{self.host}:{self.port}", "Accept": "text/event-stream"}
             head.update(self.headers)
@@ -188,6 +203,7 @@ class SseClient:
             self.open.set()
             buffer = b""
             async for chunk in _body(reader, chunked):
+                await self.flowing.wait()
                 buffer += chunk
                 while (cut := buffer.find(b"\n\n")) >= 0:
                     block, buffer = buffer[:cut], buffer[cut + 2 :]

@@ -29,7 +29,7 @@ from tests.integration.test_topology import (
     wait_exit,
 )
 from tests.sseclient import SseClient
-from tests.support import Gateway, RedisServer, eventually
+from tests.support import Gateway, RedisServer, eventually, metric
 from tests.unit.test_deploy_files import GATEWAYS, HAPROXY
 
 pytestmark = pytest.mark.integration
@@ -143,6 +143,33 @@ async def test_sigterm_ends_streams_with_close_1012(start_gateway: StartGateway)
         assert gw.wait(5) in (0, -signal.SIGTERM), gw.output()
         # Well inside gateway.drain_timeout (8 s), which an open stream used to hold.
         assert time.monotonic() - started < 4
+
+
+async def test_a_stalled_sse_client_is_bounded_then_caught_up(start_gateway: StartGateway) -> None:
+    """A client that stops reading costs its bounded queue; when it reads again it gets
+    ``lagged`` and the dropped range from history, while a healthy client is unaffected."""
+    gw = start_gateway({"RELAY_GATEWAY_SEND_QUEUE_MAX": "50"})
+    rid = str(uuid.uuid4())
+    slow = SseClient(sse_url(gw.http, rid, after_seq="0"), reconnect=False)
+    slow.receive_buffer = 4096
+    async with slow, SseClient(sse_url(gw.http, rid, after_seq="0"), reconnect=False) as healthy:
+        await eventually(lambda: bool(slow.of_event("subscribed")), 10, "slow subscribed")
+        await eventually(lambda: bool(healthy.of_event("subscribed")), 10, "healthy subscribed")
+        slow.flowing.clear()
+        count, agent = 3000, str(uuid.uuid4())
+        async with RelayClient.from_url(gw.env["RELAY_REDIS_URL"]) as pub:
+            text = "x" * 1000
+            for _ in range(0, count, 100):
+                batch = [{"type": "agent_text_delta", "agent_id": agent, "text": text}] * 100
+                await pub.publish_many(rid, batch)
+        await eventually(lambda: healthy.seqs(rid)[-1:] == [count], 30, "healthy has all")
+        assert healthy.seqs(rid) == list(range(1, count + 1))
+        await eventually(lambda: metric(gw, "relay_queue_drops_total") > 0, 10, "queue drops")
+        assert not slow.ends  # shed, not dropped: the stream is still open
+        slow.flowing.set()
+        await eventually(lambda: slow.seqs(rid)[-1:] == [count], 30, "slow caught up")
+        assert slow.seqs(rid) == list(range(1, count + 1))
+        assert slow.of_event("lagged")
 
 
 # ---------------------------------------------------------------- through HAProxy
