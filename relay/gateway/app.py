@@ -259,7 +259,7 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
             CORSMiddleware,
             allow_origins=allowed,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
             allow_credentials=False,
             max_age=600,
         ),
