@@ -37,12 +37,13 @@ from relay.gateway.auth import (
     websocket_token,
 )
 from relay.gateway.connection import Connection
+from relay.gateway.eventstream import Drain
 from relay.gateway.guard import HttpRefusal, OriginGuard, require_json, rest_principal
 from relay.gateway.hub import Hub
 from relay.gateway.limits import HTTP_STATUS, Limits, read_body, subject_key
 from relay.gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.gateway.sendqueue import SendTurns
-from relay.gateway.sse import Drain, events_sse
+from relay.gateway.sse import events_sse
 from relay.gateway.static import console_routes
 from relay.wire.commands import CommandError, load_object
 

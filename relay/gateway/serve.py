@@ -36,8 +36,8 @@ from websockets.frames import Frame
 
 from relay.config import GlobalConfig, LimitsConfig
 from relay.gateway.app import create_app
+from relay.gateway.eventstream import Drain
 from relay.gateway.limits import CLOSE_MESSAGE_TOO_BIG, CLOSE_TRY_AGAIN_LATER
-from relay.gateway.sse import Drain
 from relay.logs import LogOnce
 
 log = logging.getLogger(__name__)
