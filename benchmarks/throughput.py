@@ -10,7 +10,12 @@ request, and measures:
 * latency at a fixed publish rate (default 1,000 events/s): p50/p99/max from
   the publisher's call to the client's receipt (wall clock, same machine).
 
-Run: ``python benchmarks/throughput.py [--clients 10] [--events 20000] [--rate 1000]``.
+Each is measured for WebSocket clients (``/ws/events``) and for SSE clients
+(``/sse/events``, read by :class:`tests.sseclient.SseClient`), with the
+gateway's CPU time per delivery (user + system, from the process's counters).
+
+Run: ``python benchmarks/throughput.py [--clients 10] [--events 20000] [--rate 1000]
+[--transports websocket,sse]``.
 """
 
 from __future__ import annotations
@@ -29,12 +34,17 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import psutil
 import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from relay.orchestrator.client import RelayClient
+from tests.sseclient import Message, SseClient
 from tests.support import Gateway, RedisServer
+
+SHED = ("lagged", "resync_required")
+"""Frames that say events were skipped (the overflow policy at work)."""
 
 
 def run_clients(url: str, clients: int, expect: int, pipe: Connection) -> None:
@@ -56,7 +66,7 @@ def run_clients(url: str, clients: int, expect: int, pipe: Connection) -> None:
             if kind == "pong":
                 ready.set()
                 continue
-            if kind in ("lagged", "resync_required"):
+            if kind in SHED:
                 shed[kind] += 1
                 continue
             if "ts" not in frame:
@@ -77,8 +87,6 @@ def run_clients(url: str, clients: int, expect: int, pipe: Connection) -> None:
         sockets = [await websockets.connect(url, max_size=None) for _ in range(clients)]
         latencies: list[float] = []
         marks: list[float] = []
-        delivered.clear()
-        shed.clear()
         readies = [asyncio.Event() for _ in sockets]
         tasks = [
             asyncio.create_task(one(ws, latencies, marks, ev))
@@ -97,10 +105,65 @@ def run_clients(url: str, clients: int, expect: int, pipe: Connection) -> None:
     asyncio.run(main())
 
 
-def start_clients(url: str, clients: int, expect: int) -> tuple[mp.process.BaseProcess, Connection]:
+def run_sse_clients(url: str, clients: int, expect: int, pipe: Connection) -> None:
+    """Child process: N SSE clients; report like :func:`run_clients`."""
+
+    async def main() -> None:
+        latencies: list[float] = []
+        marks: list[float] = []
+        subscribed = [asyncio.Event() for _ in range(clients)]
+        finished = [asyncio.Event() for _ in range(clients)]
+        seen = [0] * clients
+        shed: collections.Counter[str] = collections.Counter()
+
+        def handler(i: int) -> Any:
+            def on_message(msg: Message) -> None:
+                if msg.event == "subscribed":
+                    subscribed[i].set()
+                    return
+                if msg.event in SHED:
+                    shed[msg.event] += 1
+                    return
+                if not msg.data or '"ts":' not in msg.data[0]:
+                    return
+                # The same work per event as the WebSocket client: one JSON parse.
+                frame = json.loads(msg.data[0])
+                now = time.time()
+                seen[i] += 1
+                if seen[i] == 1:
+                    marks.append(now)
+                text = frame.get("text", "")
+                if text and text[0].isdigit():
+                    latencies.append(now - float(text))
+                if frame["seq"] >= expect:
+                    marks.append(now)
+                    finished[i].set()
+
+            return on_message
+
+        readers = [
+            SseClient(url, keep=False, reconnect=False, on_message=handler(i)).start()
+            for i in range(clients)
+        ]
+        for ev in subscribed:
+            await ev.wait()
+        pipe.send("ready")
+        for ev in finished:
+            await ev.wait()
+        for reader in readers:
+            await reader.stop()
+        pipe.send((min(marks), max(marks), latencies, sum(seen), dict(shed)))
+
+    asyncio.run(main())
+
+
+def start_clients(
+    url: str, clients: int, expect: int, transport: str = "websocket"
+) -> tuple[mp.process.BaseProcess, Connection]:
     parent, child = mp.Pipe()
+    target = run_sse_clients if transport == "sse" else run_clients
     proc = mp.get_context("spawn").Process(
-        target=run_clients, args=(url, clients, expect, child), daemon=True
+        target=target, args=(url, clients, expect, child), daemon=True
     )
     proc.start()
     if not parent.poll(30) or parent.recv() != "ready":
@@ -145,38 +208,61 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def client_url(gw: Gateway, transport: str, rid: str) -> str:
+    if transport == "sse":
+        return f"{gw.http}/sse/events?request_id={rid}"
+    return f"{gw.ws_url}?request_id={rid}"
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+async def measure(gw: Gateway, redis_url: str, transport: str, args: argparse.Namespace) -> None:
+    """The throughput and latency rows of one transport."""
+    gateway = psutil.Process(gw.proc.pid if gw.proc is not None else 0)
+    rid = str(uuid.uuid4())
+    proc, pipe = start_clients(client_url(gw, transport, rid), args.clients, args.events, transport)
+    cpu_before = cpu_seconds(gateway)
+    publish_s = await flood(redis_url, rid, args.events, args.publishers, args.batch)
+    first, last, _, deliveries, shed = await asyncio.to_thread(pipe.recv)
+    cpu = cpu_seconds(gateway) - cpu_before
+    proc.join(10)
+    span = last - first
+    print(
+        f"{transport:>9} throughput: {args.events:,} events published in {publish_s:.2f}s "
+        f"({args.events / publish_s:,.0f}/s); clients done in {span:.2f}s: "
+        f"{deliveries:,} deliveries ({deliveries / span:,.0f}/s), "
+        f"{args.events * args.clients - deliveries:,} shed by policy {shed or ''}; "
+        f"gateway CPU {cpu:.2f}s = {cpu / deliveries * 1e6:.1f} us per delivery"
+    )
+
+    rid = str(uuid.uuid4())
+    count = int(args.rate * args.seconds)
+    proc, pipe = start_clients(client_url(gw, transport, rid), args.clients, count, transport)
+    cpu_before = cpu_seconds(gateway)
+    await paced(redis_url, rid, count, args.rate)
+    _, _, latencies, _, shed = await asyncio.to_thread(pipe.recv)
+    cpu = cpu_seconds(gateway) - cpu_before
+    proc.join(10)
+    ms = [v * 1000 for v in latencies]
+    print(
+        f"{transport:>9} latency at {args.rate:,.0f} events/s x {args.clients} clients "
+        f"({len(ms):,} receipts): p50 {statistics.median(ms):.2f} ms  "
+        f"p99 {pct(ms, 0.99):.2f} ms  max {max(ms):.2f} ms; gateway CPU "
+        f"{cpu / (count * args.clients) * 1e6:.1f} us per delivery; shed {shed or 'none'}"
+    )
+
+
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(Path(tmp) / "redis").start()
         gw = Gateway(redis.url, Path(tmp) / "gateway.log", {"RELAY_LOG_LEVEL": "warning"}).start()
         try:
             print(f"{args.clients} clients on one gateway, one request")
-            rid = str(uuid.uuid4())
-            url = f"{gw.ws_url}?request_id={rid}"
-            proc, pipe = start_clients(url, args.clients, args.events)
-            publish_s = await flood(redis.url, rid, args.events, args.publishers, args.batch)
-            first, last, _, delivered, shed = await asyncio.to_thread(pipe.recv)
-            proc.join(10)
-            span = last - first
-            print(
-                f"throughput: {args.events:,} events published in {publish_s:.2f}s "
-                f"({args.events / publish_s:,.0f}/s); clients done in {span:.2f}s: "
-                f"{delivered:,} deliveries ({delivered / span:,.0f}/s), "
-                f"{args.events * args.clients - delivered:,} shed by policy {shed or ''}"
-            )
-
-            rid = str(uuid.uuid4())
-            count = int(args.rate * args.seconds)
-            proc, pipe = start_clients(f"{gw.ws_url}?request_id={rid}", args.clients, count)
-            await paced(redis.url, rid, count, args.rate)
-            _, _, latencies, _, shed = await asyncio.to_thread(pipe.recv)
-            proc.join(10)
-            ms = [v * 1000 for v in latencies]
-            print(
-                f"latency at {args.rate:,.0f} events/s x {args.clients} clients "
-                f"({len(ms):,} receipts): p50 {statistics.median(ms):.2f} ms  "
-                f"p99 {pct(ms, 0.99):.2f} ms  max {max(ms):.2f} ms; shed {shed or 'none'}"
-            )
+            for transport in args.transports.split(","):
+                await measure(gw, redis.url, transport.strip(), args)
         finally:
             gw.stop()
             redis.stop()
@@ -190,4 +276,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=50, help="events per publish_many")
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--transports", default="websocket,sse", help="comma-separated: websocket, sse"
+    )
     asyncio.run(main(parser.parse_args()))

@@ -518,6 +518,16 @@ class LeaseConfig(_Section):
         return self
 
 
+class SseConfig(_Section):
+    """``[sse]``: the Server-Sent Events endpoint ``GET /sse/events``."""
+
+    heartbeat_interval: PositiveFloat = 15.0
+    """Seconds of silence after which a comment line is sent: proxies (HAProxy's
+    ``timeout server``, nginx's ``proxy_read_timeout``) cut idle responses."""
+    retry_ms: PositiveInt = 1000
+    """The ``retry:`` field: how long a browser waits before reconnecting."""
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -612,6 +622,7 @@ class GlobalConfig(_Section):
     sdk: SdkConfig = SdkConfig()
     lease: LeaseConfig = LeaseConfig()
     durable: DurableConfig = DurableConfig()
+    sse: SseConfig = SseConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +39,14 @@ from relay.gateway.auth import (
 )
 from relay.gateway.connection import Connection
 from relay.gateway.durable import EXPOSED_HEADERS, durable_routes
+from relay.gateway.eventstream import Drain
 from relay.gateway.guard import HttpRefusal, OriginGuard, require_json, rest_principal
 from relay.gateway.hub import Hub
 from relay.gateway.limits import HTTP_STATUS, Limits, read_body, subject_key
 from relay.gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.gateway.reaper import Reaper
 from relay.gateway.sendqueue import SendTurns
+from relay.gateway.sse import events_sse
 from relay.gateway.static import console_routes
 from relay.wire.commands import CommandError, load_object
 
@@ -264,17 +266,19 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
             await control.aclose()
             await pubsub.aclose()
 
-    drain_hooks: list[Callable[[], None]] = []
-    """Called by relay/gateway/serve.py when SIGTERM starts the drain."""
+    drain = Drain()
+    """Ends the open HTTP streams (SSE, Durable Streams live reads) when relay/gateway/serve.py
+    starts the shutdown, so their clients reconnect elsewhere at once."""
     routes = [
         WebSocketRoute("/ws/events", events_ws),
+        Route("/sse/events", events_sse, methods=["GET"]),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics),
         Route("/agui/requests/{request_id}", agui_route, methods=["POST"]),
         Route("/api/v1/agents/{target_id}/cancel", cancel_route, methods=["POST"]),
         Route("/api/v1/requests/{request_id}/budget", budget_route, methods=["POST"]),
-        *durable_routes(drain_hooks),
+        *durable_routes(drain.hooks),
         *console_routes(),
     ]
     allowed = cfg.auth.allowed_origins
@@ -285,7 +289,9 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
             CORSMiddleware,
             allow_origins=allowed,
             allow_methods=["GET", "POST", "HEAD"],
-            allow_headers=["Authorization", "Content-Type", "If-None-Match"],
+            # If-None-Match: Durable Streams revalidation; Last-Event-ID: a
+            # cross-origin EventSource's reconnect.
+            allow_headers=["Authorization", "Content-Type", "If-None-Match", "Last-Event-ID"],
             expose_headers=EXPOSED_HEADERS,  # the Durable Streams read API's headers
             allow_credentials=False,
             max_age=600,
@@ -293,5 +299,5 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         Middleware(OriginGuard, allowed=allowed, metrics=registries),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
-    app.state.drain_hooks = drain_hooks
+    app.state.drain = drain
     return app

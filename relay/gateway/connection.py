@@ -79,6 +79,9 @@ class _Sub:
 class Connection:
     """Serves one client from accept to close."""
 
+    writer_class: type[OrderedWriter] = OrderedWriter
+    """How queued frames reach the client (SSE frames them differently)."""
+
     def __init__(
         self,
         websocket: WebSocket,
@@ -121,7 +124,7 @@ class Connection:
         self._fixed = False
         """Subscribed at connect (query parameters): never falls back to every event."""
         self._runs: set[str] = set()
-        self._writer = OrderedWriter(
+        self._writer = self.writer_class(
             websocket,
             self._queue,
             self.store,

@@ -167,6 +167,21 @@ class Limits:
         self.connections += 1
         return None
 
+    def refusal(self, key: str) -> tuple[int, str] | None:
+        """What :meth:`admit` would refuse now, as (HTTP status, reason); counts nothing.
+
+        For HTTP streams, which must answer before the response starts: 503
+        when the process is full (another gateway may have room), 429 when
+        the subject holds too many connections.
+        """
+        cfg = self.config
+        if self.connections >= cfg.max_connections:
+            return 503, "gateway connection limit reached; try another gateway or later"
+        entry = self._subjects.get(key)
+        if entry is not None and entry.connections >= cfg.max_connections_per_subject:
+            return 429, "connection limit for this client reached; close another connection first"
+        return None
+
     def release(self, key: str) -> None:
         """An admitted connection of ``key`` closed."""
         self.connections -= 1

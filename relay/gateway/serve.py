@@ -26,7 +26,6 @@ import logging
 import resource
 import socket
 from collections import OrderedDict
-from types import FrameType
 from typing import Any
 
 import httptools
@@ -37,6 +36,7 @@ from websockets.frames import Frame
 
 from relay.config import GlobalConfig, LimitsConfig
 from relay.gateway.app import create_app
+from relay.gateway.eventstream import Drain
 from relay.gateway.limits import CLOSE_MESSAGE_TOO_BIG, CLOSE_TRY_AGAIN_LATER
 from relay.logs import LogOnce
 
@@ -323,29 +323,31 @@ def check_descriptors(config: GlobalConfig) -> int:
     return soft
 
 
-class RelayServer(uvicorn.Server):
-    """uvicorn's server, telling the app when the drain starts (``app.state.drain_hooks``).
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server; on shutdown it first ends the app's HTTP streams (SSE).
 
-    uvicorn closes WebSockets at shutdown but only waits for HTTP responses:
-    the hooks end long-lived HTTP reads (long-poll, SSE) so their clients
-    move to another gateway at once instead of after ``gateway.drain_timeout``.
+    uvicorn waits up to ``timeout_graceful_shutdown`` for running responses,
+    and a stream never finishes by itself: each one is ended with a ``close``
+    event instead, so its client reconnects to another gateway at once.
+    Listening sockets are closed in the same step, before any stream sees
+    the signal, so nobody reconnects to this process.
     """
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        state = getattr(self.config.app, "state", None)
-        for hook in getattr(state, "drain_hooks", ()):
-            hook()
-        super().handle_exit(sig, frame)
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        if isinstance(drain, Drain):
+            drain.start()
+        await super().shutdown(sockets)
 
 
 def run_gateway(config: GlobalConfig) -> None:
     """Serve until SIGINT or SIGTERM."""
     check_descriptors(config)
-    RelayServer(uvicorn_config(config)).run()
+    GatewayServer(uvicorn_config(config)).run()
 
 
 __all__ = [
-    "RelayServer",
+    "GatewayServer",
     "check_descriptors",
     "http_protocol",
     "run_gateway",

@@ -123,7 +123,7 @@ class OrderedWriter:
                     # pongs fell further behind for as long as the load
                     # lasted. Commands are rate limited, so this cannot be
                     # used to jump the queue with anything but replies.
-                    await self.ws.send_text(item)
+                    await self._emit_control(item)
                 elif isinstance(item, Begin):
                     await self._begin(item)
                 else:
@@ -139,8 +139,16 @@ class OrderedWriter:
             self.metrics.bytes_out.inc(self._bytes)
             self._sent = self._bytes = 0
 
-    async def _send(self, text: str) -> None:
+    async def _emit(self, env: Envelope) -> None:
+        """Write one event frame to the client (a subclass frames it for its transport)."""
+        await self.ws.send_text(env.frame)
+
+    async def _emit_control(self, text: str) -> None:
+        """Write one control frame (reply, subscribed, resync_required, ...)."""
         await self.ws.send_text(text)
+
+    async def _send(self, text: str) -> None:
+        await self._emit_control(text)
         self._quota -= 1
         if self._quota <= 0:
             await self._yield()
@@ -162,7 +170,7 @@ class OrderedWriter:
             return False
         if not self.wants(rid):
             return True  # queued before the client unsubscribed: dropped
-        await self.ws.send_text(env.frame)
+        await self._emit(env)
         track.last = env.seq
         self._count(env)
         self._quota -= 1
@@ -241,8 +249,11 @@ class OrderedWriter:
     async def _send_frame(self, env: Envelope) -> None:
         if env.run_id is not None and self.runs and env.run_id not in self.runs:
             return  # workflow events of other runs, once the client chose runs
-        await self._send(env.frame)
+        await self._emit(env)
         self._count(env)
+        self._quota -= 1
+        if self._quota <= 0:
+            await self._yield()
 
     async def _replay(self, rid: str, track: SeqTrack, until: int) -> None:
         after = track.last or 0
