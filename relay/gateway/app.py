@@ -46,6 +46,7 @@ from relay.gateway.limits import HTTP_STATUS, Limits, read_body, subject_key
 from relay.gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.gateway.reaper import Reaper
 from relay.gateway.sendqueue import SendTurns
+from relay.gateway.shedder import OverloadShedder
 from relay.gateway.sse import events_sse
 from relay.gateway.static import console_routes
 from relay.wire.commands import CommandError, load_object
@@ -256,9 +257,12 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
         reaper = _reaper(cfg, commands, registry, hub.gateway_id)
         if reaper is not None:
             await reaper.start()
+        shedder = OverloadShedder(cfg.gateway, app.state.services.turns, registry)
+        await shedder.start()
         try:
             yield
         finally:
+            await shedder.close()
             if reaper is not None:
                 await reaper.close()
             await hub.close()

@@ -49,6 +49,11 @@ class Metrics:
         self.queue_drops = Counter(
             "relay_queue_drops", "Events dropped from full client queues", registry=r
         )
+        self.connections_shed = Counter(
+            "relay_connections_shed",
+            "Connections closed with 1013 because the event loop lagged (overload)",
+            registry=r,
+        )
         self.resyncs = Counter(
             "relay_resyncs", "resync_required frames sent", ["reason"], registry=r
         )

@@ -64,9 +64,15 @@ class SendTurns:
 
     def __init__(self, frames_per_round: int = FRAMES_PER_ROUND) -> None:
         self.frames_per_round = frames_per_round
-        self.pending = 0
+        self.busy: set[SendQueue] = set()
+        """The queues that hold something (what the overload shedder chooses from)."""
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._admitting = False
+
+    @property
+    def pending(self) -> int:
+        """How many queues hold something: the writers with work."""
+        return len(self.busy)
 
     def quota(self) -> int:
         """How many frames the current writer may send before yielding."""
@@ -201,7 +207,7 @@ class SendQueue:
             return  # closing: the queue takes nothing more
         if not self._holding:
             self._holding = True
-            self.turns.pending += 1
+            self.turns.busy.add(self)
         self._counter += 1
         self._events.append((self._counter, env))
         self.nbytes += env.nbytes
@@ -246,7 +252,7 @@ class SendQueue:
             return
         if not self._holding:
             self._holding = True
-            self.turns.pending += 1
+            self.turns.busy.add(self)
         self._counter += 1
         self._control.append((self._counter, item))
         if len(self._control) > MAX_CONTROL_ITEMS:
@@ -289,7 +295,7 @@ class SendQueue:
     def _release_turn(self) -> None:
         if self._holding:
             self._holding = False
-            self.turns.pending -= 1
+            self.turns.busy.discard(self)
 
     def close(self) -> None:
         """The connection is done: it no longer waits for a turn."""

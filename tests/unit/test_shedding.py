@@ -149,3 +149,52 @@ async def test_a_reply_skips_the_turns_of_busy_writers(
         await asyncio.gather(*tasks, return_exceptions=True)
     # Sent within about one pass of the loop (16 turns), not after a round of 300.
     assert sent.index("pong") - before < 100, sent.index("pong") - before
+
+
+def test_overload_sheds_the_connections_furthest_behind_first() -> None:
+    from relay.config import GatewayConfig
+    from relay.gateway.sendqueue import CLOSE_TRY_AGAIN_LATER, SendTurns
+    from relay.gateway.shedder import OverloadShedder
+
+    turns = SendTurns()
+    metrics = Metrics()
+    queues = [SendQueue(1000, 1 << 24, "drop_oldest", metrics, turns=turns) for _ in range(20)]
+    for depth, queue in enumerate(queues):
+        for seq in range(1, depth + 2):
+            queue.push_event(env("r", seq))
+    replies_only = SendQueue(1000, 1 << 24, "drop_oldest", metrics, turns=turns)
+    for _ in range(500):
+        replies_only.push_control('{"type":"pong"}')
+    config = GatewayConfig(overload_lag_seconds=0.5, overload_shed_fraction=0.1)
+    shedder = OverloadShedder(config, turns, metrics)
+    assert shedder.check(0.2) == 0  # late, but under the limit
+    assert all(q.close_code is None for q in queues)
+    assert shedder.check(2.0) == 2  # a tenth of the 20 with events waiting
+    assert [q.close_code for q in queues[-2:]] == [CLOSE_TRY_AGAIN_LATER] * 2
+    assert all(q.close_code is None for q in queues[:-2])
+    assert shedder.check(2.0) == 1  # still late: the next deepest of the 18 left
+    assert queues[-3].close_code == CLOSE_TRY_AGAIN_LATER
+    assert replies_only.close_code is None
+    assert metrics.connections_shed._value.get() == 3
+
+
+async def test_a_blocked_event_loop_is_noticed_and_shed() -> None:
+    import time
+
+    from relay.config import GatewayConfig
+    from relay.gateway.sendqueue import CLOSE_TRY_AGAIN_LATER, SendTurns
+    from relay.gateway.shedder import OverloadShedder
+
+    turns = SendTurns()
+    queue = SendQueue(1000, 1 << 24, "drop_oldest", Metrics(), turns=turns)
+    queue.push_event(env("r", 1))
+    config = GatewayConfig(overload_lag_seconds=0.05, overload_check_interval=0.01)
+    shedder = OverloadShedder(config, turns, Metrics())
+    await shedder.start()
+    try:
+        await asyncio.sleep(0.02)  # the shedder is waiting for its wake-up
+        time.sleep(0.3)  # noqa: ASYNC251 (the point: a loop busy for 0.3 s, nothing else runs)
+        await asyncio.wait_for(queue.overflow.wait(), 5)
+    finally:
+        await shedder.close()
+    assert queue.close_code == CLOSE_TRY_AGAIN_LATER and shedder.lag >= 0.05
