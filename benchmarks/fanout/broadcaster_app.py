@@ -16,7 +16,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from broadcaster import Broadcast
+from broadcaster import Broadcast  # type: ignore[import-not-found, unused-ignore]
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
@@ -29,7 +29,7 @@ async def events(websocket: WebSocket) -> None:
     await websocket.accept()
     async with broadcast.subscribe(channel=channel) as subscriber:
         await websocket.send_text('{"type":"pong"}')
-        async for event in subscriber:  # type: ignore[union-attr]
+        async for event in subscriber:
             await websocket.send_text(event.message.partition("\n")[2])
 
 

@@ -56,7 +56,10 @@ class Clients:
             if self.sse:
                 argv.append("--sse")
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=1 << 28,  # a phase's latencies come back as one JSON line
             )
             queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
             self.procs.append(proc)
@@ -73,16 +76,18 @@ class Clients:
         self, i: int, proc: asyncio.subprocess.Process, queue: asyncio.Queue[dict[str, Any]]
     ) -> None:
         assert proc.stdout is not None
-        async for line in proc.stdout:
-            msg = json.loads(line)
-            if "reached" in msg:
-                # Progress is state, not a message: whoever waits reads the latest.
-                self.reached_at[i] = max(self.reached_at[i], msg["reached"])
-                self.progress.set()
-                continue
-            queue.put_nowait(msg)
-        queue.put_nowait({"exited": True})
-        self.progress.set()
+        try:
+            async for line in proc.stdout:
+                msg = json.loads(line)
+                if "reached" in msg:
+                    # Progress is state, not a message: whoever waits reads the latest.
+                    self.reached_at[i] = max(self.reached_at[i], msg["reached"])
+                    self.progress.set()
+                    continue
+                queue.put_nowait(msg)
+        finally:
+            queue.put_nowait({"exited": True})  # a waiter fails instead of hanging
+            self.progress.set()
 
     @staticmethod
     async def _next(queue: asyncio.Queue[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -147,8 +152,8 @@ class Clients:
 
 def text_for(size: int) -> str:
     """Padding that makes the published frame about ``size`` bytes (the frame's
-    other fields, seq and ts included, take about 170)."""
-    return "x" * max(0, size - 190)
+    other fields, seq, ts and the clock prefix included, take 200)."""
+    return "x" * max(0, size - 200)
 
 
 def delta(agent: str, text: str) -> dict[str, Any]:

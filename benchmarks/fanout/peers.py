@@ -81,8 +81,10 @@ class Fanout:
             targets.remove(send)
 
     async def _read(self) -> None:
+        # A timeout, not ``timeout=None``: redis-py 8's blocking read sometimes
+        # never returned the messages of channels subscribed meanwhile.
         while True:
-            msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if msg is None or msg["type"] != "message":
                 continue
             channel = msg["channel"].decode()
@@ -104,7 +106,7 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 def _channel(scope: Scope) -> str:
     query = parse_qs(scope.get("query_string", b"").decode())
-    return query.get("channel", [""])[0]
+    return str(query.get("channel", [""])[0])
 
 
 async def _not_found(send: Send) -> None:
@@ -138,7 +140,7 @@ async def ceiling(scope: Scope, receive: Receive, send: Send) -> None:
 class _SseFanout(Fanout):
     async def _read(self) -> None:
         while True:
-            msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if msg is None or msg["type"] != "message":
                 continue
             channel = msg["channel"].decode()
@@ -190,7 +192,7 @@ async def per_socket(scope: Scope, receive: Receive, send: Send) -> None:
 
     async def forward() -> None:
         while True:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if msg is not None and msg["type"] == "message":
                 await send({"type": "websocket.send", "text": frame_of(msg["data"])})
 
@@ -202,7 +204,7 @@ async def per_socket(scope: Scope, receive: Receive, send: Send) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 _client: list[aioredis.Redis] = []
@@ -225,7 +227,8 @@ async def websockets_floor(port: int, deflate: bool) -> None:
     subscribed = asyncio.Event()
 
     async def handler(ws: ServerConnection) -> None:
-        channel = _channel({"query_string": (ws.request.path.partition("?")[2]).encode()})
+        path = ws.request.path if ws.request is not None else ""
+        channel = _channel({"query_string": path.partition("?")[2].encode()})
         if channel not in sockets:
             sockets[channel] = set()
             await pubsub.subscribe(channel)
@@ -240,7 +243,7 @@ async def websockets_floor(port: int, deflate: bool) -> None:
     async def read() -> None:
         await subscribed.wait()
         while True:
-            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if msg is not None and msg["type"] == "message":
                 channel = msg["channel"].decode()
                 websockets.broadcast(sockets.get(channel, set()), frame_of(msg["data"]))

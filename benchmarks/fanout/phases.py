@@ -71,7 +71,14 @@ async def connect(system: System, clients: int) -> tuple[Clients, str]:
 
 
 async def rate_phase(
-    system: System, conns: Clients, rid: str, pub: Publisher, *, target: float, seconds: float, size: int
+    system: System,
+    conns: Clients,
+    rid: str,
+    pub: Publisher,
+    *,
+    target: float,
+    seconds: float,
+    size: int,
 ) -> Result:
     """``target`` deliveries/s (events/s = target / clients) for about ``seconds``."""
     n = conns.ready
@@ -189,4 +196,6 @@ async def resume_phase(system: System, pub: Publisher, events: int, size: int) -
         if node.returncode is None:
             node.kill()
         await node.wait()
-    return Result(system=system.key, phase="resume", clients=1, size=size, deliveries=events, max_ms=ms)
+    return Result(
+        system=system.key, phase="resume", clients=1, size=size, deliveries=events, max_ms=ms
+    )

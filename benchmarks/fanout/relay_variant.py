@@ -18,8 +18,8 @@ import sys
 import uvicorn
 
 from relay.config import load_config
-from relay.logs import configure_logging
 from relay.gateway.serve import check_descriptors, uvicorn_config
+from relay.logs import configure_logging
 
 
 def main() -> None:

@@ -122,8 +122,9 @@ def targets(meds: dict[Key, dict[str, float]], relay: str = "relay") -> list[str
     idle = [k for k in meds if k[0] == relay and k[1] == "idle"]
     for key in idle:
         m = meds[key]
+        ok = m["rss_mb"] <= 250 and m["clients"] - m["failed"] >= 10_000
         out.append(
-            f"{verdict(m['rss_mb'] <= 250 and m['clients'] - m['failed'] >= 10_000)}  10,000 idle WebSockets "
+            f"{verdict(ok)}  10,000 idle WebSockets "
             f"in <= 250 MB: {m['clients'] - m['failed']:,.0f} connected, {m['rss_mb']:.0f} MB "
             f"({m['rss_per_conn_kb']:.1f} KiB each)"
         )
@@ -151,13 +152,21 @@ def plot(meds: dict[Key, dict[str, float]], labels: dict[str, str], path: Path) 
     ax = axes[0]
     for i, system in enumerate(systems):
         values = [meds.get((system, p, c, 200), {}).get("cpu_us", 0.0) for p, c in cases]
-        ax.bar([x + i * width for x in range(len(cases))], values, width, label=labels.get(system, system))
+        ax.bar(
+            [x + i * width for x in range(len(cases))],
+            values,
+            width,
+            label=labels.get(system, system),
+        )
     ax.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(cases))])
     ax.set_xticklabels([f"{'10k/s' if p == 'rate' else 'flat'}\n{c} clients" for p, c in cases])
     ax.set_ylabel("server CPU µs per delivery (lower is better)")
     ax.legend(fontsize=7)
     ax.set_title("200 B events")
-    for ax, axis, title in ((axes[1], 2, "flat out, 200 B: vs clients"), (axes[2], 3, "flat out, 100 clients: vs event size")):
+    for ax, axis, title in (
+        (axes[1], 2, "flat out, 200 B: vs clients"),
+        (axes[2], 3, "flat out, 100 clients: vs event size"),
+    ):
         for system in systems:
             pts = sorted(
                 (k[axis], v["cpu_us"])
@@ -167,7 +176,12 @@ def plot(meds: dict[Key, dict[str, float]], labels: dict[str, str], path: Path) 
                 and ((axis == 2 and k[3] == 200) or (axis == 3 and k[2] == 100))
             )
             if len(pts) >= 2:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=labels.get(system, system))
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="o",
+                    label=labels.get(system, system),
+                )
         ax.set_xscale("log")
         ax.set_xlabel("clients" if axis == 2 else "event bytes")
         ax.set_ylabel("server CPU µs per delivery")

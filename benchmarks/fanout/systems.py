@@ -20,6 +20,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[2]
 TICK = os.sysconf("SC_CLK_TCK")
 BROADCASTER_PINS = [
@@ -38,23 +40,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Granian serves from a worker process)."""
+    try:
+        return [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return [pid]
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (threads included)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    """User + system CPU time of ``pid`` and its children so far (threads included)."""
+    total = 0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / TICK
 
 
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """Resident memory of ``pid`` and its children."""
+    total = 0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
 
 
 def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
@@ -183,7 +199,9 @@ class System:
             if self.deflate:
                 argv.append("deflate")
         elif self.server == "granian":
-            app = {"ceiling": "ceiling", "sse": "sse_ceiling"}["sse" if self.transport == "sse" else self.kind]
+            app = {"ceiling": "ceiling", "sse": "sse_ceiling"}[
+                "sse" if self.transport == "sse" else self.kind
+            ]
             argv = [
                 self.python, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1",
                 "--port", str(self.port), "--workers", "1", "--loop", self.loop,
