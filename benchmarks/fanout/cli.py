@@ -213,7 +213,7 @@ async def run(args: argparse.Namespace) -> int:
     lines = [
         f"# fan-out benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         header,
-        "command: benchmarks/run " + " ".join(sys.argv[1:]),
+        "command: benchmarks/run " + " ".join(_user_args(sys.argv[1:])),
         "",
         report.table(meds, labels),
         "",
@@ -303,6 +303,19 @@ def overload(args: argparse.Namespace) -> list[str]:
         f"{verdict}  overload stays responsive (/readyz answered 200 for >= 95% of probes): "
         f"{bad} not 200",
     ]
+
+
+def _user_args(argv: list[str]) -> list[str]:
+    """The command line as the user typed it (without what benchmarks/run adds)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--broadcaster-python":
+            skip = True
+        else:
+            out.append(arg)
+    return out
 
 
 def _dump_tasks(*_: object) -> None:
