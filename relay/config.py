@@ -329,6 +329,14 @@ class GatewayConfig(_Section):
     whole machine into TCP memory pressure (every socket stalled, healthy
     clients included) before their queues' overflow policy ever applied.
     """
+    ws_per_message_deflate: bool = False
+    """Negotiate permessage-deflate with WebSocket clients that offer it (browsers do).
+
+    Off by default, by measurement (docs/BENCHMARKS.md, "Fan-out"): the
+    compressor runs once per socket per frame, not once per event, so it
+    multiplies the CPU cost of a delivery, and each compressing socket holds
+    its zlib state (tens of KiB) while idle.
+    """
 
 
 class HistoryConfig(_Section):

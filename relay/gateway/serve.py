@@ -286,6 +286,7 @@ def uvicorn_config(config: GlobalConfig) -> uvicorn.Config:
         ws_ping_interval=gw.ping_interval,
         ws_ping_timeout=gw.ping_timeout,
         ws_max_size=max(limits.max_ws_message_bytes, gw.max_message_bytes),
+        ws_per_message_deflate=gw.ws_per_message_deflate,
         timeout_graceful_shutdown=int(gw.drain_timeout),
         lifespan="on",
         log_config=None,

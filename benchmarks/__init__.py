@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that start their own Redis and gateways and print figures."""
