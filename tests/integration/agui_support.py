@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,20 @@ def simulate(redis_url: str, workdir: Path, rid: str, *args: str) -> RelayProces
         workdir / f"simulate-{rid[:8]}.log",
     )
     return proc.start()
+
+
+def simulations(redis_url: str, workdir: Path) -> Iterator[Callable[..., RelayProcess]]:
+    """For a fixture: ``start(rid, *args)`` starts a simulated orchestrator; all are
+    killed when the fixture ends."""
+    started: list[RelayProcess] = []
+
+    def start(rid: str, *args: str) -> RelayProcess:
+        started.append(simulate(redis_url, workdir, rid, *args))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.stop(signal.SIGKILL)
 
 
 def run_body(run_id: str, **more: Any) -> dict[str, Any]:

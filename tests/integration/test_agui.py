@@ -9,7 +9,6 @@ the WebSocket refuses.
 from __future__ import annotations
 
 import asyncio
-import signal
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -34,7 +33,7 @@ from tests.integration.agui_support import (
     jwt_env,
     read_run,
     run_body,
-    simulate,
+    simulations,
     spawned_event,
     texts,
     url,
@@ -55,15 +54,7 @@ async def finished(proc: RelayProcess, timeout: float = 60) -> None:
 @pytest.fixture
 def sim(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     """``sim(rid, *args)`` starts a simulated orchestrator; all are stopped at the end."""
-    started: list[RelayProcess] = []
-
-    def start(rid: str, *args: str) -> RelayProcess:
-        started.append(simulate(redis_server.url, tmp_path, rid, *args))
-        return started[-1]
-
-    yield start
-    for proc in started:
-        proc.stop(signal.SIGKILL)
+    yield from simulations(redis_server.url, tmp_path)
 
 
 async def test_a_finished_request_is_one_verified_run_with_every_agents_text(

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.agui_support import PAUSING, history, simulate, texts
+from tests.integration.agui_support import PAUSING, history, simulations, texts
 from tests.integration.test_topology import HAProxy
 from tests.support import Gateway, RedisServer, RelayProcess, eventually
 from tests.unit.test_deploy_files import GATEWAYS, HAPROXY
@@ -54,15 +54,8 @@ def agui_client() -> Path:
 
 @pytest.fixture
 def sims(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
-    started: list[RelayProcess] = []
-
-    def start(rid: str, *args: str) -> RelayProcess:
-        started.append(simulate(redis_server.url, tmp_path, rid, *args))
-        return started[-1]
-
-    yield start
-    for proc in started:
-        proc.stop(signal.SIGKILL)
+    """``sims(rid, *args)`` starts a simulated orchestrator; all are stopped at the end."""
+    yield from simulations(redis_server.url, tmp_path)
 
 
 class Follower:
