@@ -26,7 +26,8 @@ probe settings), then, for each client mode:
   and as many ``cancel_agent`` WebSocket commands, while the idle clients are
   still connected;
 * reads ``/metrics`` before and after: probe failures, pub/sub reconnects,
-  events dropped from full client queues (shed), events sent, connections.
+  connections shed by the overload policy (closed 1013), events dropped
+  from full client queues, events sent, connections.
 
 It prints figures and asserts nothing. Every loop is bounded in count and
 time, and everything listens on and connects to 127.0.0.1 only.
@@ -692,6 +693,7 @@ async def run_mode(args: argparse.Namespace, mode: str, workdir: Path) -> dict[s
             "relay_probe_failures_total",
             "relay_redis_reconnects_total",
             "relay_queue_drops_total",
+            "relay_connections_shed_total",
             "relay_events_sent_total",
             "relay_bytes_sent_total",
             "relay_events_replayed_total",
@@ -765,7 +767,8 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f"({dict(readyz)}{since(s.readyz, origin)}); max probe_age_s {s.probe_age_max:.2f}, "
         f"reconnects {s.reconnects}",
         f"  /metrics: probe failures {r['relay_probe_failures_total']:.0f}, pub/sub reconnects "
-        f"{r['relay_redis_reconnects_total']:.0f}, events shed (queue drops) "
+        f"{r['relay_redis_reconnects_total']:.0f}, connections shed (closed 1013) "
+        f"{r['relay_connections_shed_total']:.0f}, events dropped from full queues "
         f"{r['relay_queue_drops_total']:.0f}, events sent {r['relay_events_sent_total']:.0f}, "
         f"replayed {r['relay_events_replayed_total']:.0f} (average frame "
         f"{r['relay_bytes_sent_total'] / max(1.0, r['relay_events_sent_total']):.0f} B), "

@@ -310,12 +310,14 @@ class GatewayConfig(_Section):
     max_subscriptions: PositiveInt = 256
     connect_subscribe_timeout: PositiveFloat = 10.0
     overload_lag_seconds: Annotated[float, Field(ge=0)] = 1.0
-    """Event-loop lag above which the connections furthest behind are closed with
-    1013 (relay/gateway/shedder.py); 0: never shed."""
+    """Lag above which the connections furthest behind are closed with 1013
+    (relay/gateway/shedder.py): the event loop's, or, while not falling, the
+    pub/sub reader's backlog or the delivery lag of queued events; 0: never shed."""
     overload_check_interval: PositiveFloat = 0.25
-    """How often the loop's lag is measured."""
+    """How often the lags are measured."""
     overload_shed_fraction: Annotated[float, Field(gt=0, le=1)] = 0.1
-    """Share of the connections with events waiting closed at each check over the limit."""
+    """Share of the connections with events waiting closed at each check while the
+    loop lags; the least share closed when the backlogs are over the limit."""
     recent_events_bytes: Annotated[int, Field(ge=0)] = 32 * 1024 * 1024
     """Bytes of recently delivered events the process keeps to refill lagging
     clients without reading Redis (0: off; every refill reads history)."""

@@ -231,7 +231,7 @@ class Connection:
         # nothing for that long is gone), then let the server drop the socket.
         try:
             async with asyncio.timeout(self.config.gateway.ping_timeout):
-                await self._close(code, "send queue overflow")
+                await self._close(code, self._queue.close_reason)
         except TimeoutError:
             log.info("client did not read its close frame within ping_timeout; dropping it")
 

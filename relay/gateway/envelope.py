@@ -10,6 +10,7 @@ once, for their ``run_id`` (per-run filtering needs it).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 from relay.wire.events import WORKFLOW_TYPES
@@ -32,6 +33,10 @@ class Envelope:
     run_id: str | None = None
     nbytes: int = field(default=0, compare=False)
     ts: int = field(default=0, compare=False)
+    received: float = field(default_factory=time.monotonic, compare=False)
+    """When this process got it (``time.monotonic()``): the overload shedder
+    reads the age of the oldest queued events from it. Once per event, not
+    per delivery."""
 
     @classmethod
     def parse(cls, payload: bytes | str) -> Envelope:

@@ -453,10 +453,12 @@ class Hub:
 
     @property
     def ready(self) -> bool:
-        """Subscribed, every tenant caught up after the last reconnect, probe fresh."""
+        """Subscribed, every tenant caught up after the last reconnect, delivering
+        (the probe is fresh, or the reader is still taking messages: behind
+        under fan-out load is not a reason to leave the balancer)."""
         return (
             self.link.connected
-            and self.link.probe_fresh
+            and self.link.delivering
             and all(h.synced for h in self._tenants.values())
         )
 
@@ -468,6 +470,7 @@ class Hub:
             "pubsub_connected": self.link.connected,
             "caught_up": all(h.synced for h in hubs),
             "probe_age_s": self.link.probe_age(),
+            "reader_backlog_s": round(self.link.backlog(), 3),
             "channels": self.link.live_count,
             "tenants": len(self._tenants),
             "watched_requests": sum(len(h._by_request) for h in hubs),

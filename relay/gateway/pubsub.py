@@ -6,9 +6,12 @@ this kind of system, so the connection is supervised:
 * any error on it tears it down; the supervisor reconnects with capped,
   jittered backoff and subscribes every wanted channel again in one command;
 * a probe publishes to this gateway's own channel every ``probe_interval``;
-  when it does not come back within ``probe_timeout`` the connection is
-  declared dead and rebuilt the same way (a socket can stay open and deliver
-  nothing: a half-open TCP connection after a failover or a NAT timeout);
+  when it does not come back within ``probe_timeout``, and no other message
+  arrived meanwhile either, the connection is declared dead and rebuilt the
+  same way (a socket can stay open and deliver nothing: a half-open TCP
+  connection after a failover or a NAT timeout). A reader that is merely
+  behind, under load, is not dead: its backlog (:meth:`PubSubLink.backlog`)
+  is what the overload shedder acts on instead;
 * the reader only reads and hands each message to the listener, which must
   not block and does no Redis I/O: a slow history read can never hold up
   delivery, nor let Redis's output-buffer limit kill the connection.
@@ -85,8 +88,13 @@ class PubSubLink:
         self.log = log
         self._pubsub: PubSub | None = None
         self._live: set[str] = set()
-        self._live_changed = asyncio.Condition()
+        self._live_changed = asyncio.Event()
+        """Set (and replaced) at every change of ``_live``: what :meth:`wait_live` waits on."""
         self._last_probe_rx: float | None = None
+        self._last_rx: float | None = None
+        """When the reader last took any message off the socket."""
+        self._probe_out: float | None = None
+        """When the oldest probe not back yet was published."""
         self._connected = False
         self._supervisor: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -120,6 +128,49 @@ class PubSubLink:
         rx = self._last_probe_rx
         return rx is not None and time.monotonic() - rx < window
 
+    @property
+    def delivering(self) -> bool:
+        """Delivery works: the last probe came back in time, or the reader is still
+        taking messages off the socket.
+
+        Under fan-out load the reader can fall seconds behind, and the probe
+        with it, while the connection is perfectly alive: rebuilding it then
+        (or failing readiness, so the balancer moves the load to the next
+        gateway) made an overload worse. A socket that stays open but delivers
+        nothing delivers no other message either, so it is still caught.
+        """
+        return self.probe_fresh or self._reading()
+
+    def _reading(self) -> bool:
+        rx = self._last_rx
+        return rx is not None and time.monotonic() - rx < self.config.gateway.probe_timeout
+
+    def backlog(self) -> float:
+        """Seconds the oldest probe not back yet has been on its way: how far
+        behind the reader is (0 while none is outstanding)."""
+        sent = self._probe_out
+        return 0.0 if sent is None else max(0.0, time.monotonic() - sent)
+
+    def _probe_back(self, now: float) -> None:
+        self._last_probe_rx = now
+        self._probe_out = None
+
+    def _set_live(self, channel: str, live: bool) -> None:
+        if live:
+            self._live.add(channel)
+        else:
+            self._live.discard(channel)
+        self._notify_live()
+
+    def _notify_live(self) -> None:
+        # A fresh Event per change instead of a Condition: waiters need no
+        # lock. With a Condition, every connection's wait_live() took its
+        # lock in turn, one pass of the event loop per hand-over, so under
+        # load 2,000 connecting clients (and the pinger and the new ones
+        # queued behind them) got through at about ten per second.
+        changed, self._live_changed = self._live_changed, asyncio.Event()
+        changed.set()
+
     def probe_age(self) -> float | None:
         """Seconds since the last probe came back (None: none has yet)."""
         rx = self._last_probe_rx
@@ -152,9 +203,8 @@ class PubSubLink:
 
     async def unsubscribe(self, *channels: str) -> None:
         """Unsubscribe now if connected (a new connection never subscribes them)."""
-        async with self._live_changed:
-            self._live.difference_update(channels)
-            self._live_changed.notify_all()
+        self._live.difference_update(channels)
+        self._notify_live()
         if self._pubsub is not None and self._connected and channels:
             try:
                 await self._pubsub.unsubscribe(*channels)
@@ -175,11 +225,14 @@ class PubSubLink:
         def done() -> bool:
             return any(c in self._live for c in channels) or (unless is not None and unless())
 
-        async with self._live_changed:
-            try:
-                await asyncio.wait_for(self._live_changed.wait_for(done), limit)
-            except TimeoutError:
-                raise SubscribeTimeout(f"could not subscribe within {limit:g}s") from None
+        if done():
+            return  # the common case: no waiting, no timer
+        try:
+            async with asyncio.timeout(limit):
+                while not done():
+                    await self._live_changed.wait()
+        except TimeoutError:
+            raise SubscribeTimeout(f"could not subscribe within {limit:g}s") from None
 
     # ---------------------------------------------------------------- supervision
 
@@ -216,8 +269,9 @@ class PubSubLink:
     async def _drop(self) -> None:
         self._connected = False
         self.listener.on_disconnected()
-        async with self._live_changed:
-            self._live.clear()
+        self._live.clear()
+        self._notify_live()
+        self._probe_out = None
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(Exception):
@@ -243,14 +297,15 @@ class PubSubLink:
     async def _read(self, pubsub: PubSub) -> None:
         listener = self.listener
         probe = self.probe_channel
-        clock = time.perf_counter
+        clock = time.monotonic
         slice_ends = clock() + READ_SLICE
         try:
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None:
                     continue
-                if clock() > slice_ends:
+                now = self._last_rx = clock()
+                if now > slice_ends:
                     # Buffered messages are parsed without suspending, and each
                     # may fan out to thousands of queues: give the loop back.
                     await asyncio.sleep(0)
@@ -259,30 +314,26 @@ class PubSubLink:
                 channel = message["channel"].decode()
                 if kind == "message":
                     if channel == probe:
-                        self._last_probe_rx = time.monotonic()
+                        self._probe_back(now)
                     else:
                         listener.on_message(channel, message["data"])
                 elif kind == "subscribe":
-                    await self._on_subscribed(channel)
+                    self._on_subscribed(channel)
                 elif kind == "unsubscribe":
-                    async with self._live_changed:
-                        self._live.discard(channel)
-                        self._live_changed.notify_all()
+                    self._set_live(channel, False)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self.log.warning("pub/sub reader stopped: %s", exc)
             self._wake.set()
 
-    async def _on_subscribed(self, channel: str) -> None:
+    def _on_subscribed(self, channel: str) -> None:
         if channel == self.probe_channel:
             # The subscription itself proves the server answers on this socket.
-            self._last_probe_rx = time.monotonic()
+            self._probe_back(time.monotonic())
             self.listener.on_connected()
             return
-        async with self._live_changed:
-            self._live.add(channel)
-            self._live_changed.notify_all()
+        self._set_live(channel, True)
 
     async def _probe(self) -> None:
         interval = self.config.gateway.probe_interval
@@ -290,11 +341,13 @@ class PubSubLink:
         next_check = time.monotonic() + TOPOLOGY_CHECK_S
         while True:
             await asyncio.sleep(interval)
+            if self._probe_out is None:
+                self._probe_out = time.monotonic()
             try:
                 await asyncio.wait_for(self.redis.publish(self.probe_channel, b"p"), timeout)
             except Exception as exc:
                 self.log.warning("probe publish failed: %s", exc)
-            if not self.probe_fresh:
+            if not self.delivering:
                 self.log.warning("probe did not come back within %.1fs: rebuilding", timeout)
                 self.metrics.probe_failures.inc()
                 self._wake.set()

@@ -68,6 +68,10 @@ class SendTurns:
         """The queues that hold something (what the overload shedder chooses from)."""
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._admitting = False
+        self.offered = 0
+        """Events queued so far, over every queue (what the process was asked to send)."""
+        self.taken = 0
+        """Events taken off the queues by their writers so far (what it managed to)."""
 
     @property
     def pending(self) -> int:
@@ -77,6 +81,12 @@ class SendTurns:
     def quota(self) -> int:
         """How many frames the current writer may send before yielding."""
         return max(1, self.frames_per_round // max(1, self.pending))
+
+    @property
+    def queued(self) -> int:
+        """Writers waiting for a turn: they have work and a writable socket, and wait
+        for the CPU (a writer blocked on a client that does not read is not here)."""
+        return len(self._waiting)
 
     def crowded(self) -> bool:
         """More writers have work than one pass of the loop may serve."""
@@ -183,6 +193,7 @@ class SendQueue:
         self.lags: dict[str, Lag] = {}
         """Dropped ranges per request, until the writer settles them."""
         self.close_code: int | None = None
+        self.close_reason = "send queue overflow"
         # Set when the connection must be closed. The writer may be blocked in
         # a send to a client that reads nothing, so the connection waits for
         # this event too and then stops the writer: a flag seen only by the
@@ -192,6 +203,10 @@ class SendQueue:
 
     def __len__(self) -> int:
         return len(self._events)
+
+    def oldest(self) -> float | None:
+        """When the oldest queued event reached this process (None: no event queued)."""
+        return self._events[0][1].received if self._events else None
 
     def idle(self) -> bool:
         """Nothing is queued, neither events nor control items."""
@@ -210,6 +225,7 @@ class SendQueue:
             self.turns.busy.add(self)
         self._counter += 1
         self._events.append((self._counter, env))
+        self.turns.offered += 1
         self.nbytes += env.nbytes
         while len(self._events) > self.max_events or self.nbytes > self.max_bytes:
             if not self.drop_oldest or self.close_code is not None:
@@ -259,10 +275,13 @@ class SendQueue:
             self.fail(CLOSE_POLICY_VIOLATION)
         self.wake.set()
 
-    def fail(self, code: int) -> None:
-        """Ask for the connection to be closed with ``code`` (first reason wins)."""
+    def fail(self, code: int, reason: str | None = None) -> None:
+        """Ask for the connection to be closed with ``code`` and ``reason`` (the
+        close frame's text; first call wins)."""
         if self.close_code is None:
             self.close_code = code
+            if reason is not None:
+                self.close_reason = reason
             self.overflow.set()
 
     def pop(self) -> Envelope | Control | None:
@@ -281,6 +300,7 @@ class SendQueue:
         if events and not reply_first and (not control or events[0][0] < control[0][0]):
             _, env = events.popleft()
             self.nbytes -= env.nbytes
+            self.turns.taken += 1
             if not events and not control:
                 self._release_turn()
             return env

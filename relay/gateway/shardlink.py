@@ -58,6 +58,10 @@ class _Node:
     pubsub: PubSub
     probe: str
     probe_rx: float = field(default_factory=time.monotonic)
+    rx: float = field(default_factory=time.monotonic)
+    """When this node's reader last took any message off its socket."""
+    probe_out: float | None = None
+    """When this node's oldest probe not back yet was published."""
 
 
 @lru_cache(maxsize=16)  # a few tenants; about 1 MB of names each
@@ -152,9 +156,8 @@ class ClusterLink(PubSubLink):
 
     async def unsubscribe(self, *channels: str) -> None:
         """SUNSUBSCRIBE now if connected (a new link never subscribes them)."""
-        async with self._live_changed:
-            self._live.difference_update(channels)
-            self._live_changed.notify_all()
+        self._live.difference_update(channels)
+        self._notify_live()
         if not (self._connected and channels):
             return
         shards = self._expand(channels)
@@ -235,14 +238,15 @@ class ClusterLink(PubSubLink):
 
     async def _read_node(self, node: _Node) -> None:
         listener = self.listener
-        clock = time.perf_counter
+        clock = time.monotonic
         slice_ends = clock() + READ_SLICE
         try:
             while True:
                 message = await node.pubsub.get_message(timeout=1.0)
                 if message is None:
                     continue
-                if clock() > slice_ends:
+                now = node.rx = clock()
+                if now > slice_ends:
                     await asyncio.sleep(0)
                     slice_ends = clock() + READ_SLICE
                 kind = message["type"]
@@ -251,6 +255,7 @@ class ClusterLink(PubSubLink):
                     if channel[-1] != "}":
                         listener.on_message(channel, message["data"])
                     elif channel == node.probe:
+                        node.probe_out = None
                         self._heard(node)
                     else:  # a firehose shard: handed over as the tenant-wide channel
                         listener.on_message(channel[: channel.rindex(":")], message["data"])
@@ -259,12 +264,12 @@ class ClusterLink(PubSubLink):
                     # probe does; a tenant-wide subscription is 16384 of them,
                     # which can hold the probe up behind them for a while.
                     self._heard(node)
-                    await self._confirmed(channel, True)
+                    self._confirmed(channel, True)
                 elif kind == "sunsubscribe":
                     self._heard(node)
                     if self._leaving.get(channel):
                         self._leaving[channel] -= 1
-                        await self._confirmed(channel, False)
+                        self._confirmed(channel, False)
                     else:
                         # Redis drops a slot's subscribers when the slot moves.
                         self.log.warning(
@@ -283,7 +288,7 @@ class ClusterLink(PubSubLink):
         node.probe_rx = time.monotonic()
         self._last_probe_rx = min(n.probe_rx for n in self._nodes.values())
 
-    async def _confirmed(self, channel: str, live: bool) -> None:
+    def _confirmed(self, channel: str, live: bool) -> None:
         logical = channel
         if channel[-1] == "}":
             logical = channel[: channel.rindex(":")]
@@ -296,12 +301,7 @@ class ClusterLink(PubSubLink):
                 shards.discard(channel)
                 if logical not in self._live:
                     return  # unsubscribe() already took it out: no waiter to wake
-        async with self._live_changed:
-            if live:
-                self._live.add(logical)
-            else:
-                self._live.discard(logical)
-            self._live_changed.notify_all()
+        self._set_live(logical, live)
 
     async def _probe(self) -> None:
         interval = self.config.gateway.probe_interval
@@ -310,11 +310,13 @@ class ClusterLink(PubSubLink):
         while True:
             await asyncio.sleep(interval)
             for node in list(self._nodes.values()):
+                if node.probe_out is None:
+                    node.probe_out = time.monotonic()
                 try:
                     await asyncio.wait_for(self.redis.spublish(node.probe, b"p"), timeout)
                 except Exception as exc:
                     self.log.warning("probe publish to %s failed: %s", node.name, exc)
-            if not self.probe_fresh:
+            if not self.delivering:
                 stale = [n.name for n in self._nodes.values() if not self._fresh(n)]
                 self.log.warning(
                     "probe of %s did not come back within %.1fs: rebuilding",
@@ -331,8 +333,19 @@ class ClusterLink(PubSubLink):
                     return
 
     def _fresh(self, node: _Node) -> bool:
+        """The node's probe came back in time, or its reader is still reading (behind, alive)."""
         window = self.config.gateway.probe_interval + self.config.gateway.probe_timeout
-        return time.monotonic() - node.probe_rx < window
+        now = time.monotonic()
+        return now - node.probe_rx < window or now - node.rx < self.config.gateway.probe_timeout
+
+    def _reading(self) -> bool:
+        return bool(self._nodes) and all(self._fresh(n) for n in self._nodes.values())
+
+    def backlog(self) -> float:
+        """As :meth:`PubSubLink.backlog`, for the node furthest behind."""
+        now = time.monotonic()
+        outs = [now - n.probe_out for n in self._nodes.values() if n.probe_out is not None]
+        return max(outs, default=0.0)
 
     async def _topology_moved(self) -> bool:
         try:

@@ -15,6 +15,7 @@ from relay.gateway.envelope import Envelope
 from relay.gateway.hub import Hub
 from relay.gateway.metrics import Metrics
 from relay.orchestrator.client import RelayClient
+from relay.wire.keys import Keys
 
 AGENT = str(uuid.uuid4())
 
@@ -101,11 +102,14 @@ async def test_only_watched_requests_are_delivered(hub: Hub) -> None:
     assert sub.got[0].request_id == watched
 
 
-async def test_readiness_follows_the_probe(hub: Hub) -> None:
+async def test_readiness_follows_delivery_not_probe_latency(hub: Hub) -> None:
     assert hub.ready
     assert hub.status()["pubsub_connected"] is True
     assert hub.link._last_probe_rx is not None
-    hub.link._last_probe_rx -= 10  # as if the probe stopped coming back
+    hub.link._last_probe_rx -= 10  # as if the probe stopped coming back...
+    assert hub.link._last_rx is not None
+    assert hub.ready  # ...while the reader still takes messages: behind, not dead
+    hub.link._last_rx -= 10  # and nothing at all arrives any more
     assert not hub.ready
 
 
@@ -246,3 +250,26 @@ async def test_delivered_events_are_kept_for_refills(hub: Hub) -> None:
     await until(lambda: len(sub.got) == 3)
     kept = hub.recent.range(hub.default.tenant, rid, sub.got[0].epoch, 0, 3)
     assert kept == sub.got  # the very objects delivered: refills reuse their bytes
+
+
+async def test_waiting_for_a_live_channel_takes_no_turns(hub: Hub) -> None:
+    """Under load one pass of the event loop lasts up to a few hundred ms. A lock
+    handed from waiter to waiter once per pass let 2,000 connecting clients (and
+    every new one, queued behind them) through at about ten per second."""
+    sub = Recorder()
+    await hub.watch_all(sub)
+    channel = Keys("default").firehose_channel
+    waiters = [asyncio.create_task(hub.link.wait_live(channel)) for _ in range(200)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert all(w.done() for w in waiters)
+    await asyncio.gather(*waiters)
+
+
+async def test_waiting_for_a_channel_that_never_comes_live_times_out(hub: Hub) -> None:
+    from relay.gateway.pubsub import SubscribeTimeout
+
+    with pytest.raises(SubscribeTimeout):
+        await hub.link.wait_live("relay:default:req:{nobody}:events", timeout=0.05)
+    await hub.link.subscribe("relay:default:req:{late}:events")
+    await hub.link.wait_live("relay:default:req:{late}:events", timeout=5)

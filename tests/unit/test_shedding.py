@@ -154,7 +154,7 @@ async def test_a_reply_skips_the_turns_of_busy_writers(
 def test_overload_sheds_the_connections_furthest_behind_first() -> None:
     from relay.config import GatewayConfig
     from relay.gateway.sendqueue import CLOSE_TRY_AGAIN_LATER, SendTurns
-    from relay.gateway.shedder import OverloadShedder
+    from relay.gateway.shedder import SHED_REASON, OverloadShedder
 
     turns = SendTurns()
     metrics = Metrics()
@@ -171,6 +171,7 @@ def test_overload_sheds_the_connections_furthest_behind_first() -> None:
     assert all(q.close_code is None for q in queues)
     assert shedder.check(2.0) == 2  # a tenth of the 20 with events waiting
     assert [q.close_code for q in queues[-2:]] == [CLOSE_TRY_AGAIN_LATER] * 2
+    assert [q.close_reason for q in queues[-2:]] == [SHED_REASON] * 2
     assert all(q.close_code is None for q in queues[:-2])
     assert shedder.check(2.0) == 1  # still late: the next deepest of the 18 left
     assert queues[-3].close_code == CLOSE_TRY_AGAIN_LATER
@@ -198,3 +199,60 @@ async def test_a_blocked_event_loop_is_noticed_and_shed() -> None:
     finally:
         await shedder.close()
     assert queue.close_code == CLOSE_TRY_AGAIN_LATER and shedder.lag >= 0.05
+
+
+def test_a_growing_delivery_lag_sheds_what_was_not_sent_and_a_draining_one_nothing() -> None:
+    from relay.config import GatewayConfig
+    from relay.gateway.sendqueue import SendTurns
+    from relay.gateway.shedder import SHED_REASON, OverloadShedder
+
+    turns = SendTurns()
+    metrics = Metrics()
+    queues = [SendQueue(1000, 1 << 24, "drop_oldest", metrics, turns=turns) for _ in range(100)]
+    for queue in queues:
+        queue.push_event(env("r", 1))
+    config = GatewayConfig(overload_lag_seconds=1.0, overload_check_interval=0.25)
+    shedder = OverloadShedder(config, turns, metrics)
+    assert shedder.check(0.0, behind=0.9, now=0.0) == 0  # under the limit
+    turns.offered += 1000  # a second in which 1,000 events were queued, 400 sent
+    turns.taken += 400
+    assert shedder.check(0.0, behind=1.5, now=1.0) == 60  # over and growing: the 60% not sent
+    assert shedder.check(0.0, behind=1.6, now=1.25) == 0  # too soon to judge that shed
+    turns.offered += 400
+    turns.taken += 300
+    assert shedder.check(0.0, behind=1.7, now=2.0) == 10  # still growing: a quarter of the 40
+    # Falling by at least half the interval: it drains by itself.
+    assert shedder.check(0.0, behind=1.4, now=3.0) == 0
+    # Over and hardly falling, nothing measurably unsent: the smallest shed.
+    assert shedder.check(0.0, behind=1.38, now=3.25) == 3
+    assert shedder.check(0.0, behind=0.5, now=3.5) == 0
+    assert metrics.connections_shed._value.get() == 73
+    shed = [q for q in queues if q.close_code is not None]
+    assert len(shed) == 73 and all(q.close_reason == SHED_REASON for q in shed)
+
+
+def test_delivery_lag_counts_only_while_writers_wait_for_a_turn() -> None:
+    """One slow client on an idle gateway is the overflow policy's business;
+    old events in every queue while writers wait for the CPU are overload."""
+    import time
+
+    from relay.config import GatewayConfig
+    from relay.gateway.sendqueue import SendTurns
+    from relay.gateway.shedder import OverloadShedder
+
+    turns = SendTurns()
+    now = time.monotonic()
+    for age in (1.0, 3.0, 5.0):
+        queue = SendQueue(1000, 1 << 24, "drop_oldest", Metrics(), turns=turns)
+        queue.push_event(
+            Envelope("r", 1, "e1", "agent_text_delta", "x", nbytes=1, received=now - age)
+        )
+        queue.push_event(env("r", 2))  # newer events behind it do not count
+    shedder = OverloadShedder(GatewayConfig(), turns, Metrics())
+    assert shedder.measure_behind() == 0.0  # nobody waits for a turn
+    loop = asyncio.new_event_loop()
+    try:
+        turns._waiting.append(loop.create_future())  # a writer queued for its turn
+        assert 3.0 <= shedder.measure_behind() < 3.5  # the median oldest age
+    finally:
+        loop.close()
