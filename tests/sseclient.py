@@ -58,7 +58,14 @@ def parse_stream(raw: bytes) -> list[Message]:
     return [parse_block(b) for b in raw.decode().split("\n\n")[:-1]]
 
 
-async def _body(reader: asyncio.StreamReader, chunked: bool) -> AsyncIterator[bytes]:
+async def _body(
+    reader: asyncio.StreamReader, chunked: bool, length: int | None = None
+) -> AsyncIterator[bytes]:
+    if length is not None:
+        # A refusal has a Content-Length and a kept-alive connection: reading
+        # to EOF waited for the server's keep-alive timeout (5 s) each time.
+        yield await reader.readexactly(length)
+        return
     if not chunked:
         while data := await reader.read(65536):
             yield data
@@ -193,7 +200,9 @@ class SseClient:
             self.response_headers = headers
             chunked = "chunked" in headers.get("transfer-encoding", "")
             if status != 200:
-                body = b"".join([c async for c in _body(reader, chunked)])
+                length = headers.get("content-length")
+                size = int(length) if length is not None and not chunked else None
+                body = b"".join([c async for c in _body(reader, chunked, size)])
                 with contextlib.suppress(ValueError):
                     self.refusal = json.loads(body)
                 self.status = status

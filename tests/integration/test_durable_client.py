@@ -42,7 +42,7 @@ CLIENT_DIR = Path(__file__).parents[1] / "js" / "durable"
 FOLLOW = CLIENT_DIR / "follow.mjs"
 QUIET = ("--tokens-per-delta", "1", "--seed", "7")
 RUN = ("--agents", "3", "--depth", "2", "--deltas", "60", "--delta-interval", "0.03")
-LONG_RUN = ("--agents", "3", "--depth", "2", "--deltas", "150", "--delta-interval", "0.04")
+LONG_RUN = ("--agents", "3", "--depth", "2", "--deltas", "60", "--delta-interval", "0.04")
 
 
 @pytest.fixture(scope="session")
