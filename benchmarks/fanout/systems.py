@@ -246,4 +246,10 @@ def relay_env(redis_url: str, port: int, deflate: bool) -> dict[str, str]:
         # measures the limits.
         "RELAY_LIMITS_MAX_CONNECTIONS": "30000",
         "RELAY_LIMITS_MAX_CONNECTIONS_PER_SUBJECT": "30000",
+        # The flat-out phases keep two bursts in flight per client, seconds
+        # of sends queued at 1,000 clients and more: exactly what the
+        # overload shedder closes connections for (delivery lag over
+        # gateway.overload_lag_seconds, not falling). Off here, so the phase
+        # measures sending; benchmarks/overload.py measures the shedding.
+        "RELAY_GATEWAY_OVERLOAD_LAG_SECONDS": "0",
     }

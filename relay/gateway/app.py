@@ -49,6 +49,7 @@ from relay.gateway.sendqueue import SendTurns
 from relay.gateway.shedder import OverloadShedder
 from relay.gateway.sse import events_sse
 from relay.gateway.static import console_routes
+from relay.gateway.writer import KeepServerSend
 from relay.wire.commands import CommandError, load_object
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,9 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
     ]
     allowed = cfg.auth.allowed_origins
     middleware = [
-        # Outermost: answers preflights of the listed origins (same-origin
+        # Outermost, so the send it keeps is the server's own (writer.py).
+        Middleware(KeepServerSend),
+        # Answers preflights of the listed origins (same-origin
         # calls need none). No credentials: tokens travel in Authorization.
         Middleware(
             CORSMiddleware,

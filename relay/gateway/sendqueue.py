@@ -37,6 +37,12 @@ MAX_CONTROL_ITEMS = 1024
 FRAMES_PER_ROUND = 256
 """Frames all writers with work together send before each yields once (a few ms
 of sends): about what a ping, a new connection or the probe waits for at most."""
+TURN_FRAMES = 8
+"""The least a writer sends per turn. A turn costs a task switch (and, when
+writers queue, a future): at one frame per turn that switch was paid per
+delivery, the largest share of relay's cost above the ceiling's with 1,000
+clients (py-spy). Fewer writers per pass, each sending more, keeps a pass
+the same length."""
 
 
 class SendTurns:
@@ -50,23 +56,28 @@ class SendTurns:
     writers: writers run one after another within a round, so at any moment
     only one of them is running, however many are waiting their turn.
 
-    With more writers with work than ``frames_per_round`` the quota cannot go
-    below one frame, and a round of thousands of writers, one frame each,
+    With more writers with work than ``frames_per_round / min_frames`` the
+    quota cannot go below ``min_frames``, and a round of thousands of writers,
     made every pass of the event loop last as long as thousands of sends: a
     ping, a new connection or the delivery probe needs several passes, and
     waited seconds. Past that point writers queue for their turn instead
-    (:meth:`next_turn`): each pass of the loop admits at most
-    ``frames_per_round`` of them, in arrival order, so a pass stays a few
+    (:meth:`next_turn`): each pass of the loop admits writers, in arrival
+    order, until the frames they said they would send reach
+    ``frames_per_round``, so a pass stays a few
     milliseconds long and everything else keeps being served while the
     writers share what is left. The queues then fill, and their overflow
     policy sheds what cannot be sent.
     """
 
-    def __init__(self, frames_per_round: int = FRAMES_PER_ROUND) -> None:
+    def __init__(
+        self, frames_per_round: int = FRAMES_PER_ROUND, min_frames: int = TURN_FRAMES
+    ) -> None:
         self.frames_per_round = frames_per_round
+        self.min_frames = max(1, min(min_frames, frames_per_round))
         self.busy: set[SendQueue] = set()
         """The queues that hold something (what the overload shedder chooses from)."""
-        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._waiting: deque[tuple[asyncio.Future[None], int]] = deque()
+        """Writers waiting for a turn, each with the frames it will send in it."""
         self._admitting = False
         self.offered = 0
         """Events queued so far, over every queue (what the process was asked to send)."""
@@ -80,7 +91,7 @@ class SendTurns:
 
     def quota(self) -> int:
         """How many frames the current writer may send before yielding."""
-        return max(1, self.frames_per_round // max(1, self.pending))
+        return max(self.min_frames, self.frames_per_round // max(1, self.pending))
 
     @property
     def queued(self) -> int:
@@ -90,16 +101,17 @@ class SendTurns:
 
     def crowded(self) -> bool:
         """More writers have work than one pass of the loop may serve."""
-        return self.pending > self.frames_per_round
+        return self.pending * self.min_frames > self.frames_per_round
 
-    async def next_turn(self) -> None:
-        """Yield the loop until this writer's next turn."""
+    async def next_turn(self, frames: int = 1) -> None:
+        """Yield the loop until this writer's next turn, in which it will send
+        about ``frames`` frames (what a pass of the loop is measured in)."""
         if not self.crowded() and not self._waiting:
             await asyncio.sleep(0)  # everyone gets a turn every pass
             return
         loop = asyncio.get_running_loop()
         turn: asyncio.Future[None] = loop.create_future()
-        self._waiting.append(turn)
+        self._waiting.append((turn, max(1, frames)))
         if not self._admitting:
             self._admitting = True
             loop.call_soon(self._admit)
@@ -112,10 +124,10 @@ class SendTurns:
         room = self.frames_per_round
         waiting = self._waiting
         while waiting and room > 0:
-            turn = waiting.popleft()
+            turn, frames = waiting.popleft()
             if not turn.done():
                 turn.set_result(None)
-                room -= 1
+                room -= frames
         if waiting:
             asyncio.get_running_loop().call_soon(self._admit)
         else:

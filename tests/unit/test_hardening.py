@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections import Counter
+from itertools import pairwise
 from typing import Any
 
 import fakeredis
@@ -17,7 +19,7 @@ from starlette.websockets import WebSocketState
 
 from relay.gateway.envelope import Envelope
 from relay.gateway.metrics import Metrics
-from relay.gateway.sendqueue import SendQueue
+from relay.gateway.sendqueue import TURN_FRAMES, SendQueue
 from relay.orchestrator.client import RelayClient
 from relay.wire.commands import CommandError, load_object, parse_command
 from tests.unit.test_connection import AGENT, running
@@ -286,23 +288,65 @@ async def test_turns_count_queues_with_work_not_running_writers(
         async def send_text(self, text: str) -> None:
             order.append(self.n)
 
-    turns = SendTurns(frames_per_round=256)
+    turns = SendTurns(frames_per_round=256, min_frames=TURN_FRAMES)
+    assert TURN_FRAMES == 8  # what the profile chose (sendqueue.py)
     store = RequestStore(fake_redis, Keys())
     writers, tasks = 300, []
     for n in range(writers):
-        tasks.append(asyncio.create_task(busy_writer(Sink(n), turns, store, 100, 10).run()))
+        tasks.append(asyncio.create_task(busy_writer(Sink(n), turns, store, 100, 20).run()))
     assert turns.pending == writers
     try:
         async with asyncio.timeout(5):
-            while len(order) < writers * 10:
+            while len(order) < writers * 20:
                 await asyncio.sleep(0.001)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    # The first round: one frame from each writer, not ten from a few.
-    assert len(set(order[:writers])) == writers
+    # The first round: the least turn (TURN_FRAMES) from each writer, not
+    # twenty from a few, nor one from each (a task switch per frame).
+    first = order[: writers * TURN_FRAMES]
+    assert first == [n for n in range(writers) for _ in range(TURN_FRAMES)], Counter(first)
     assert turns.pending == 0
+
+
+async def test_a_pass_of_the_loop_sends_about_frames_per_round_however_long_the_turns(
+    fake_redis: fakeredis.FakeAsyncRedis,
+) -> None:
+    """Writers that queue for turns are admitted by the frames they will send,
+    not by count: at TURN_FRAMES per turn, admitting frames_per_round writers
+    per pass made each pass eight times as long."""
+    from relay.gateway.sendqueue import SendTurns
+    from relay.gateway.store import RequestStore
+    from relay.wire.keys import Keys
+
+    sent = 0
+
+    class Sink:
+        async def send_text(self, text: str) -> None:
+            nonlocal sent
+            sent += 1
+
+    turns = SendTurns(frames_per_round=256)
+    store = RequestStore(fake_redis, Keys())
+    writers = 300
+    tasks = [
+        asyncio.create_task(busy_writer(Sink(), turns, store, 100, 60).run())
+        for _ in range(writers)
+    ]
+    passes: list[int] = []
+    try:
+        async with asyncio.timeout(5):
+            while sent < writers * 60:
+                passes.append(sent)
+                await asyncio.sleep(0)  # once per pass of the loop
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    # After the first pass (every writer starts at once), frames per pass:
+    per_pass = [b - a for a, b in pairwise(passes[1:])]
+    assert per_pass and max(per_pass) <= 256 + TURN_FRAMES, max(per_pass)
 
 
 def busy_writer(sink: Any, turns: Any, store: Any, queue_max: int, events: int) -> Any:

@@ -252,7 +252,7 @@ def test_delivery_lag_counts_only_while_writers_wait_for_a_turn() -> None:
     assert shedder.measure_behind() == 0.0  # nobody waits for a turn
     loop = asyncio.new_event_loop()
     try:
-        turns._waiting.append(loop.create_future())  # a writer queued for its turn
+        turns._waiting.append((loop.create_future(), 1))  # a writer queued for its turn
         assert 3.0 <= shedder.measure_behind() < 3.5  # the median oldest age
     finally:
         loop.close()
