@@ -216,19 +216,21 @@ def test_a_growing_delivery_lag_sheds_what_was_not_sent_and_a_draining_one_nothi
     assert shedder.check(0.0, behind=0.9, now=0.0) == 0  # under the limit
     turns.offered += 1000  # a second in which 1,000 events were queued, 400 sent
     turns.taken += 400
-    assert shedder.check(0.0, behind=1.5, now=1.0) == 60  # over and growing: the 60% not sent
+    # Over and growing: the 60% not sent, at most half (MAX_SHED) at once.
+    assert shedder.check(0.0, behind=1.5, now=1.0) == 50
+    turns.offered += 1000  # queued while the shed connections were being closed
     assert shedder.check(0.0, behind=1.6, now=1.25) == 0  # too soon to judge that shed
-    turns.offered += 400
+    turns.offered += 400  # measured from after the shed only
     turns.taken += 300
-    assert shedder.check(0.0, behind=1.7, now=2.0) == 10  # still growing: a quarter of the 40
+    assert shedder.check(0.0, behind=1.7, now=2.0) == 12  # still growing: a quarter of the 50
     # Falling by at least half the interval: it drains by itself.
     assert shedder.check(0.0, behind=1.4, now=3.0) == 0
     # Over and hardly falling, nothing measurably unsent: the smallest shed.
     assert shedder.check(0.0, behind=1.38, now=3.25) == 3
     assert shedder.check(0.0, behind=0.5, now=3.5) == 0
-    assert metrics.connections_shed._value.get() == 73
+    assert metrics.connections_shed._value.get() == 65
     shed = [q for q in queues if q.close_code is not None]
-    assert len(shed) == 73 and all(q.close_reason == SHED_REASON for q in shed)
+    assert len(shed) == 65 and all(q.close_reason == SHED_REASON for q in shed)
 
 
 def test_delivery_lag_counts_only_while_writers_wait_for_a_turn() -> None:
