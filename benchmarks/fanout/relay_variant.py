@@ -18,7 +18,7 @@ import sys
 import uvicorn
 
 from relay.config import load_config
-from relay.gateway.serve import check_descriptors, uvicorn_config
+from relay.gateway.serve import check_descriptors, tune_gc, uvicorn_config
 from relay.logs import configure_logging
 
 
@@ -27,6 +27,7 @@ def main() -> None:
     config = load_config()
     configure_logging(config.log)
     check_descriptors(config)
+    tune_gc()  # as run_gateway does
     uv = uvicorn_config(config)
     if ws not in ("guarded", "websockets-sansio-guarded"):
         uv.ws = ws

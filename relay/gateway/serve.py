@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import http
 import logging
 import resource
@@ -341,9 +342,31 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+GC_THRESHOLDS = (20_000, 50, 100)
+"""The cyclic collector's thresholds in a gateway process (Python's: 700, 10, 10).
+
+Every delivery allocates a few short-lived objects (a queue entry, the ASGI
+message, futures), so at the default the young generation was collected
+every few hundred deliveries, and the survivors of 1,000 connections
+triggered full collections of about 130 ms each: with 1,000 clients flat
+out, 1.31 s of 13.2 s of CPU was the collector (1.03 s in eight full
+collections), and each full collection is a pause every client waits
+through. At these thresholds the same run spent 0.13 s in 41 young
+collections and none in full ones (measured with ``gc.callbacks``)."""
+
+
+def tune_gc() -> None:
+    """Collect what startup left, move the rest out of later collections
+    (``gc.freeze``), and collect less often (:data:`GC_THRESHOLDS`)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run_gateway(config: GlobalConfig) -> None:
     """Serve until SIGINT or SIGTERM."""
     check_descriptors(config)
+    tune_gc()
     GatewayServer(uvicorn_config(config)).run()
 
 
@@ -352,6 +375,7 @@ __all__ = [
     "check_descriptors",
     "http_protocol",
     "run_gateway",
+    "tune_gc",
     "uvicorn_config",
     "ws_protocol",
 ]

@@ -1,4 +1,5 @@
-"""The writer's frames go to the server's own ``send``, past the middleware's wrappers."""
+"""The send path: frames go to the server's own ``send``, past the middleware's wrappers;
+a gateway process tunes the cyclic collector."""
 
 from __future__ import annotations
 
@@ -140,3 +141,18 @@ async def test_a_direct_send_keeps_starlettes_disconnect_rules() -> None:
     with pytest.raises(WebSocketDisconnect):
         await writer._emit_control("three")  # closed: refused before any send
     assert len(sent) == 1
+
+
+def test_a_gateway_process_collects_less_often_and_leaves_startup_out() -> None:
+    import gc
+
+    from relay.gateway.serve import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
