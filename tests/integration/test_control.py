@@ -177,7 +177,7 @@ async def test_cancel_written_before_the_orchestrator_starts_ends_the_run_at_onc
 
 
 async def test_cancel_while_the_orchestrator_is_down_is_honoured_when_it_comes_back(
-    start_gateway: StartGateway, orchestrators: Orchestrators
+    start_gateway: StartGateway, orchestrators: Orchestrators, redis_server: RedisServer
 ) -> None:
     gw = start_gateway()
     rid = str(uuid.uuid4())
@@ -189,6 +189,10 @@ async def test_cancel_while_the_orchestrator_is_down_is_honoured_when_it_comes_b
         first.stop(signal.SIGKILL)  # crashed: it can announce nothing
         status, body = gw.post(f"/api/v1/agents/{rid}/cancel", {})
         assert (status, body["type"]) == (202, "ack")
+        # What the killed process published may still be on its way to the
+        # viewer: wait for its last seq before counting.
+        last = int(redis_server.command("GET", Keys().request(rid).seq) or 0)
+        await viewer.wait_for(lambda c: any(f.get("seq", 0) >= last for f in events(c, rid)), 10)
         seen = len(events(viewer, rid))
         again = orchestrators.start(rid, *args)
         assert outcome(await finished(again, 30)) == "cancelled"
