@@ -11,7 +11,8 @@ this kind of system, so the connection is supervised:
   same way (a socket can stay open and deliver nothing: a half-open TCP
   connection after a failover or a NAT timeout). A reader that is merely
   behind, under load, is not dead: its backlog (:meth:`PubSubLink.backlog`)
-  is what the overload shedder acts on instead;
+  is reported in ``/readyz``, and the overload shedder acts on the delivery
+  lag that comes with it;
 * the reader only reads and hands each message to the listener, which must
   not block and does no Redis I/O: a slow history read can never hold up
   delivery, nor let Redis's output-buffer limit kill the connection.
