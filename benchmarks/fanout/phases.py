@@ -165,9 +165,23 @@ async def idle_phase(system: System, clients: int, settle: float = 2.0) -> Resul
     )
 
 
+async def quiet(pid: int, cap: float = 30.0, window: float = 0.5) -> None:
+    """Wait (at most ``cap`` seconds) until ``pid`` uses under 5% of a core over
+    ``window``: a phase right after the idle one otherwise overlapped the
+    server closing 10,000 connections, and a resume measured 1.4 s of that."""
+    deadline = time.monotonic() + cap
+    while time.monotonic() < deadline:
+        used = cpu_seconds(pid)
+        await asyncio.sleep(window)
+        if cpu_seconds(pid) - used < 0.05 * window:
+            return
+
+
 async def resume_phase(system: System, pub: Publisher, events: int, size: int) -> Result:
     """Publish ``events`` to a request nobody watches, then time one client's resume
     with ``after_seq=0`` (connect, handshake, every event received)."""
+    assert system.process is not None
+    await quiet(system.process.pid)
     rid = str(uuid.uuid4())
     for start in range(0, events, 500):
         await pub.burst(rid, min(500, events - start), size)
