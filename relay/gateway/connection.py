@@ -161,8 +161,11 @@ class Connection:
         writer = asyncio.create_task(self._writer.run(), name="relay-conn-writer")
         overflow = asyncio.create_task(self._queue.overflow.wait(), name="relay-conn-overflow")
         starter = asyncio.create_task(self._serve(), name="relay-conn-reader")
-        expiry = asyncio.create_task(self._expire(), name="relay-conn-expiry")
-        tasks = [writer, overflow, starter, expiry]
+        tasks = [writer, overflow, starter]
+        if self._auth is not None and self._auth.enabled:
+            # Without auth no token expires or is refreshed: no task to wait
+            # forever (a task, an Event and a future per idle connection).
+            tasks.append(asyncio.create_task(self._expire(), name="relay-conn-expiry"))
         failure: BaseException | None = None
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
