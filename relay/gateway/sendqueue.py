@@ -49,24 +49,24 @@ class SendTurns:
     """Shares the event loop fairly between the writers of one process.
 
     Counts the queues that hold something (the writers with work). Each writer
-    sends at most ``frames_per_round / that count`` frames (one at least)
-    before it yields, so one round of all of them stays near the same length
+    sends at most ``frames_per_round / that count`` frames (``min_frames``
+    at least) before it yields, so one round of all of them stays near the same length
     however many there are, while a lone busy writer still sends long runs
     without paying for a yield per frame. Counting queues, not running
     writers: writers run one after another within a round, so at any moment
     only one of them is running, however many are waiting their turn.
 
     With more writers with work than ``frames_per_round / min_frames`` the
-    quota cannot go below ``min_frames``, and a round of thousands of writers,
-    made every pass of the event loop last as long as thousands of sends: a
-    ping, a new connection or the delivery probe needs several passes, and
-    waited seconds. Past that point writers queue for their turn instead
-    (:meth:`next_turn`): each pass of the loop admits writers, in arrival
-    order, until the frames they said they would send reach
-    ``frames_per_round``, so a pass stays a few
-    milliseconds long and everything else keeps being served while the
-    writers share what is left. The queues then fill, and their overflow
-    policy sheds what cannot be sent.
+    quota cannot go below ``min_frames``, and a round of thousands of
+    writers, all in one pass, made that pass last as long as thousands of
+    sends: a ping, a new connection or the delivery probe needs several
+    passes, and waited seconds. Past that point writers queue for their turn
+    instead (:meth:`next_turn`): each pass of the loop admits writers, in
+    arrival order, until the frames they said they would send reach
+    ``frames_per_round``, so a pass stays a few milliseconds long and
+    everything else keeps being served while the writers share what is
+    left. The queues then fill, and their overflow policy sheds what cannot
+    be sent.
     """
 
     def __init__(
