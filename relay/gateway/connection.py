@@ -70,10 +70,16 @@ class CommandHandler(Protocol):
 
 @dataclass(slots=True)
 class _Sub:
-    pending: deque[Envelope]
+    pending: deque[Envelope] | None
     """Events arriving while the subscription starts; bounded, oldest dropped
-    (the writer sees the hole before the first kept one and refills it)."""
-    hold: bool = True
+    (the writer sees the hole before the first kept one and refills it).
+    None once started: an empty bounded deque kept per subscription for its
+    whole life cost about 380 bytes each."""
+
+    @property
+    def hold(self) -> bool:
+        """Whether events are held back (the subscription is starting)."""
+        return self.pending is not None
 
 
 class Connection:
@@ -455,7 +461,8 @@ class Connection:
                 raise CommandError("unavailable", UNAVAILABLE) from None
         else:
             sub = self._subs[rid]
-            sub.hold = True
+            if sub.pending is None:
+                sub.pending = self._hold_buffer()
         if self._firehose:
             self._firehose = False
             await self.hub.unwatch_all(self)
@@ -467,7 +474,8 @@ class Connection:
         finally:
             # Held events that overflowed the buffer were the oldest; the
             # writer sees the gap before the first kept one and refills it.
-            pending, sub.pending, sub.hold = list(sub.pending), self._hold_buffer(), False
+            # (A second subscribe started meanwhile may have released it already.)
+            pending, sub.pending = list(sub.pending or ()), None
             if rid in self._subs:
                 for env in pending:
                     self._queue.push_event(env)
@@ -540,10 +548,11 @@ class Connection:
             sub = self._subs.get(envelope.request_id)
             if sub is None:
                 return
-            if sub.hold:
-                if len(sub.pending) == sub.pending.maxlen:
+            held = sub.pending
+            if held is not None:
+                if len(held) == held.maxlen:
                     self.metrics.queue_drops.inc()
-                sub.pending.append(envelope)
+                held.append(envelope)
                 return
         elif not self._firehose:
             return
