@@ -116,7 +116,8 @@ async def test_a_second_subscribe_holds_a_bounded_buffer(
         await h.until(lambda: h.conn._subs[rid].hold)
         for env in envs:
             h.conn.offer(env)
-        assert len(h.conn._subs[rid].pending) == 8
+        held = h.conn._subs[rid].pending
+        assert held is not None and len(held) == 8
         gate.set()
         await h.until(lambda: len(h.ws.events(rid)) >= 200)
         # The resume replays 1..200 from after_seq=0; nothing lost, nothing twice.
