@@ -352,13 +352,18 @@ async def test_a_pass_of_the_loop_sends_about_frames_per_round_however_long_the_
 
 def busy_writer(sink: Any, turns: Any, store: Any, queue_max: int, events: int) -> Any:
     """A writer whose queue already holds ``events`` events of one request."""
-    from relay.config import GlobalConfig
-    from relay.gateway.writer import OrderedWriter
-
     queue = SendQueue(queue_max, 1 << 24, "drop_oldest", Metrics(), turns=turns)
     rid = str(uuid.uuid4())
     for seq in range(1, events + 1):
         queue.push_event(Envelope(rid, seq, "e", "agent_text_delta", "{}", nbytes=2))
+    return ordered_writer(sink, queue, store, subscribed=False)
+
+
+def ordered_writer(sink: Any, queue: SendQueue, store: Any, *, subscribed: bool) -> Any:
+    """An OrderedWriter of ``queue`` to ``sink`` that wants every request."""
+    from relay.config import GlobalConfig
+    from relay.gateway.writer import OrderedWriter
+
     return OrderedWriter(
         sink,
         queue,
@@ -366,6 +371,6 @@ def busy_writer(sink: Any, turns: Any, store: Any, queue_max: int, events: int) 
         GlobalConfig(),
         Metrics(),
         wants=lambda r: True,
-        subscribed=lambda r: False,
+        subscribed=lambda r: subscribed,
         runs=set(),
     )

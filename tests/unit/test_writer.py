@@ -14,13 +14,13 @@ from starlette.routing import WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from relay.config import GlobalConfig
 from relay.gateway.envelope import Envelope
 from relay.gateway.metrics import Metrics
 from relay.gateway.sendqueue import Begin, SendQueue, SendTurns
 from relay.gateway.store import RequestStore
 from relay.gateway.writer import SERVER_SEND, KeepServerSend, OrderedWriter
 from relay.wire.keys import Keys
+from tests.unit.test_hardening import ordered_writer
 
 
 class CountSends:
@@ -42,16 +42,8 @@ class CountSends:
 
 def writer_for(ws: WebSocket, queue: SendQueue) -> OrderedWriter:
     store = RequestStore(fakeredis.FakeAsyncRedis(), Keys())
-    return OrderedWriter(
-        ws,
-        queue,
-        store,
-        GlobalConfig(),
-        Metrics(),
-        wants=lambda r: True,
-        subscribed=lambda r: True,
-        runs=set(),
-    )
+    writer: OrderedWriter = ordered_writer(ws, queue, store, subscribed=True)
+    return writer
 
 
 async def serve_three(ws: WebSocket) -> None:
