@@ -14,9 +14,11 @@ For each it prints the deltas per second the agents got through (from the
 first delta until every agent's ``agent_completed`` is in Redis), all events
 published per second (deltas plus budget updates, spawns, completions) and the
 script calls Redis ran (``INFO commandstats``: EVALSHA/EVAL/FCALL), i.e. the
-round trips batching saved. Each batch costs two script calls when its deltas
-spent tokens (the budget add, then the publish carrying the ``budget_update``),
-one without; the last phase streams deltas that spend no tokens. Targets:
+calls batching saved, and the round trips they took (concurrent agents'
+calls share round trips: :mod:`relay.orchestrator.autopipe`). Each batch
+costs two script calls when its deltas spent tokens (the budget add, then
+the publish carrying the ``budget_update``), one without; the last phase
+streams deltas that spend no tokens. Targets:
 50,000 deltas/s batched, 10,000/s unbatched with concurrency.
 
 Run: ``python benchmarks/sdk_publish.py [--deltas 50000] [--agents 20] [--rounds 2]``.
@@ -68,11 +70,12 @@ async def run(redis: RedisServer, *, deltas: int, agents: int, max_events: int, 
                     group.create_task(stream(i))
             elapsed = time.perf_counter() - started
         calls = script_calls(redis)
+        trips = rc.client.calls.pipelines
         total = per_agent * agents
         return (
             f"{total:>7} deltas {elapsed:6.2f}s {total / elapsed:>9,.0f} deltas/s "
             f"{req.events_published / elapsed:>9,.0f} events/s {calls:>7} script calls "
-            f"({total / max(calls, 1):.1f} deltas per call)"
+            f"({total / max(calls, 1):.1f} deltas per call) in {trips:>6} round trips"
         )
 
 

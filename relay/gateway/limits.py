@@ -254,12 +254,18 @@ class ConnectionLimits:
         return Refusal(err.frame())
 
     def check_replay(self, command_id: CommandId | None = None) -> None:
-        """A subscription asking for history: refused while this minute's replay is spent."""
-        if self.replay.available() <= 0:
+        """A subscription asking for history: refused while this minute's replay is spent.
+
+        Spent means less than one second's allowance left: a replay admitted
+        with a few bytes in hand would be cut again after one event, and the
+        client told to come back at once, over and over.
+        """
+        second = self.replay.rate
+        if self.replay.available() < second:
             raise RateLimited(
                 f"more than {self.config.replay_bytes_per_minute} bytes of history "
                 "replayed per minute; subscribe without after_seq, with snapshot, or later",
-                self.replay.retry_after(1),
+                self.replay.retry_after(second),
                 command_id,
             )
 

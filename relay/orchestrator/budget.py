@@ -44,7 +44,7 @@ from relay.config import MIN_REQUEST_BUDGET, BudgetConfig
 from relay.wire.answers import DECISION_LIST_TTL, Decision, NoPendingDecision, answer_budget
 from relay.wire.events import BudgetDecision, BudgetWarning
 from relay.wire.keys import Keys
-from relay.wire.scripts import as_text, script
+from relay.wire.scripts import Calls, as_text, script
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,9 @@ class RequestBudget:
     """The token budget of one request, shared by every agent on every host.
 
     ``total`` defaults to ``budget.default_request_budget``; a total below
-    10,000 is raised to 10,000, like the original.
+    10,000 is raised to 10,000, like the original. With ``calls`` (the
+    client's :class:`~relay.orchestrator.autopipe.AutoPipeline`), adds made by
+    concurrent agents share round trips.
 
     >>> budget = RequestBudget(rc.redis, rc.keys, request_id, total=200_000)
     >>> state = await budget.add(1_200)
@@ -130,9 +132,11 @@ class RequestBudget:
         total: int | None = None,
         config: BudgetConfig | None = None,
         ttl_seconds: int = 7 * 24 * 3600,
+        calls: Calls | None = None,
     ) -> None:
         self.config = config or BudgetConfig()
         self.redis = redis
+        self._calls = calls
         self.keys = keys
         self.request_id = request_id
         self.total = max(MIN_REQUEST_BUDGET, total or self.config.default_request_budget)
@@ -147,11 +151,14 @@ class RequestBudget:
         """
         if tokens < 0:
             raise ValueError("tokens: must be >= 0")
-        status, used, total, paused = await script("budget_add")(
-            self.redis,
-            [self._rk.budget, self._rk.pending],
-            [tokens, self.total, self.config.warning_threshold, self.ttl_seconds],
-        )
+        keys = [self._rk.budget, self._rk.pending]
+        args = [tokens, self.total, self.config.warning_threshold, self.ttl_seconds]
+        add = script("budget_add")
+        if self._calls is not None:
+            # Concurrent agents' adds share round trips (with their publishes).
+            status, used, total, paused = await add.call_in(self._calls, keys, args)
+        else:
+            status, used, total, paused = await add(self.redis, keys, args)
         kind = as_text(status)
         return BudgetState(BudgetStatus(kind), int(used), int(total), bool(int(paused)))
 

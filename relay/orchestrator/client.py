@@ -1,7 +1,9 @@
 """RelayClient: the orchestrator side. Publishes AgentEvents into Redis.
 
-One publish is one round trip: a pipeline holding the atomic publish script
-(seq, history, state, both channels) and the tenant's activity index.
+One publish is one call of the atomic publish script (seq, history, state,
+both channels). Calls made by concurrent publishers in one pass of the event
+loop share a round trip (:mod:`relay.orchestrator.autopipe`), and so does the
+tenant's activity index, refreshed at most once a second per request.
 
 Outage policy: a publish that fails on a connection error is retried with
 capped backoff for ``publish_retry_seconds`` (default 10 s). Retries carry the
@@ -35,6 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import redisconn
 from relay.config import GlobalConfig, HistoryConfig, LeaseConfig, RedisConfig
+from relay.orchestrator.autopipe import AutoPipeline
 from relay.wire.events import AgentEvent, AgentTextDelta, event_request_id, parse_event
 from relay.wire.keys import Keys
 from relay.wire.scripts import as_text, is_noscript, script
@@ -57,7 +60,13 @@ RETRY_MARGIN_SECONDS = 60
 MASTER_CHECK_S = 5.0
 """How often a Sentinel-managed client asks where the master is (besides reconnects)."""
 ACTIVE_TRIM_EVERY = 256
-"""Publishes per client between trims of the tenant's activity index."""
+"""Index refreshes per client between trims of the tenant's activity index."""
+ACTIVE_REFRESH_S = 1.0
+"""How often a request's score in the activity index is refreshed while it publishes:
+readers look back further than this (a gateway's catch-up adds 5 s)."""
+ACTIVE_MEMO_MAX = 4096
+"""Requests whose last refresh is remembered; past this the memo is cleared (overflow
+policy: forget, so the next publish of each refreshes it once more)."""
 
 
 class PublishError(Exception):
@@ -86,6 +95,12 @@ class OrchestratorLost(PublishError):
 
 LOST_REFUSAL = "relay: orchestrator lost:"
 """How the lease and publish scripts' refusal of a lost orchestrator begins."""
+
+
+def ignore_outcome(future: asyncio.Future[Any]) -> None:
+    """Done callback that marks a future's exception as seen (it is not needed)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def is_lost_refusal(exc: BaseException) -> bool:
@@ -168,6 +183,9 @@ class RelayClient:
         self._script = script("publish", sharded=self._sharded)
         self._master_checked = time.monotonic()
         self._publishes = 0
+        self._indexed: dict[str, float] = {}
+        self.calls = AutoPipeline(redis)
+        """Concurrent publishes (and budget adds) share round trips through this."""
         self._owns_lease = isinstance(lease, LeaseConfig)
         self.lease: LeaseKeeper | None = None
         """The orchestrator's lease, when the client was given one."""
@@ -268,6 +286,7 @@ class RelayClient:
         client created them."""
         if self.lease is not None and self._owns_lease:
             await self.lease.close()
+        await self.calls.aclose()
         if self._owns:
             await self.redis.aclose()
 
@@ -386,16 +405,28 @@ class RelayClient:
                 # message is kept whole, and retrying will not help.
                 raise PublishError(f"publish to request {rid} refused by Redis: {exc}") from exc
 
-    def _queue_active(self, pipe: Any, rid: str, now_ms: int) -> None:
-        pipe.zadd(self.keys.active, {rid: now_ms})
-        # The index must not outlive the data it points at when publishing stops.
-        pipe.expire(self.keys.active, self.history.ttl_seconds)
+    def _submit_active(self, rid: str) -> list[asyncio.Future[Any]]:
+        """Refresh the request's score in the activity index, at most once a second."""
+        now = time.monotonic()
+        if now - self._indexed.get(rid, -ACTIVE_REFRESH_S) < ACTIVE_REFRESH_S:
+            return []
+        if len(self._indexed) >= ACTIVE_MEMO_MAX:
+            self._indexed.clear()
+        self._indexed[rid] = now
+        now_ms = int(time.time() * 1000)
+        active = self.keys.active
+        futures = [
+            self.calls.submit("ZADD", active, now_ms, rid),
+            # The index must not outlive the data it points at when publishing stops.
+            self.calls.submit("EXPIRE", active, self.history.ttl_seconds),
+        ]
         self._publishes += 1
         if self._publishes % ACTIVE_TRIM_EVERY == 0:
             # Keep the activity index to the history's lifetime: requests
             # idle for longer have nothing left to replay anyway.
             horizon = now_ms - self.history.ttl_seconds * 1000
-            pipe.zremrangebyscore(self.keys.active, "-inf", horizon)
+            futures.append(self.calls.submit("ZREMRANGEBYSCORE", active, "-inf", horizon))
+        return futures
 
     async def _run(self, rid: str, keys: list[str], args: list[Any]) -> Published:
         if time.monotonic() - self._master_checked > MASTER_CHECK_S:
@@ -407,15 +438,19 @@ class RelayClient:
         for _ in range(2):
             # On a cluster the pipeline sends the script and the activity
             # index update to their own nodes (they are in different slots).
-            pipe = self.redis.pipeline(transaction=False)
-            self._script.queue(pipe, keys, args)
-            self._queue_active(pipe, rid, int(time.time() * 1000))
-            result, *_ = await pipe.execute(raise_on_error=False)
-            if is_noscript(result):
+            published = self._script.submit_in(self.calls, keys, args)
+            # The index refresh rides in the same pipeline. Its outcome is not
+            # waited for: it is a hint for readers, and a failure of its own
+            # must not fail (or hide the outcome of) the publish.
+            for future in self._submit_active(rid):
+                future.add_done_callback(ignore_outcome)
+            try:
+                result = await published
+            except ResponseError as exc:
+                if not is_noscript(exc):
+                    raise
                 await self._script.load(self.redis)
                 continue
-            if isinstance(result, BaseException):
-                raise result
             epoch, ts, first, last = result
             return Published(
                 first_seq=int(first),

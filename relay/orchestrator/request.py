@@ -78,7 +78,12 @@ class Request:
         """The request id (a lowercase hyphenated UUID string)."""
         config = connection.config
         self.budget = RequestBudget(
-            connection.redis, connection.keys, request_id, total=budget, config=config.budget
+            connection.redis,
+            connection.keys,
+            request_id,
+            total=budget,
+            config=config.budget,
+            calls=connection.client.calls,
         )
         """The request's token budget, shared with every host (the lower layer)."""
         self.batch_window = config.sdk.batch_window_ms / 1000

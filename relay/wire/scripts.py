@@ -8,10 +8,11 @@ the very same scripts (see docs/PROTOCOL.md).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -23,6 +24,17 @@ RedisClient = Redis
 PUBLISH_LINE = "local PUBLISH = 'PUBLISH'"
 SHARDED_PUBLISH_LINE = "local PUBLISH = 'SPUBLISH'"
 """The one line of ``publish.lua`` that differs on a Redis Cluster (sharded pub/sub)."""
+
+
+class Calls(Protocol):
+    """Something that runs single commands over ``redis``, sharing round trips
+    (:class:`relay.orchestrator.autopipe.AutoPipeline`)."""
+
+    redis: Redis
+
+    def submit(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command; the future gets its reply or its error."""
+        ...
 
 
 class LuaScript:
@@ -51,6 +63,20 @@ class LuaScript:
         except NoScriptError:
             await self.load(redis)
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
+
+    def submit_in(self, calls: Calls, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Queue an EVALSHA of this script in ``calls`` (see :func:`is_noscript`)."""
+        return calls.submit("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    async def call_in(self, calls: Calls, keys: list[str], args: list[Any]) -> Any:
+        """Like calling the script, through ``calls`` (its round trip shared)."""
+        try:
+            return await self.submit_in(calls, keys, args)
+        except ResponseError as exc:
+            if not is_noscript(exc):
+                raise
+            await self.load(calls.redis)
+            return await self.submit_in(calls, keys, args)
 
     def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
         """Add an EVALSHA of this script to a pipeline (see :func:`is_noscript`).

@@ -121,7 +121,11 @@ def test_replay_is_refused_while_this_minutes_budget_is_spent() -> None:
     assert not conn.spend_replay(1)
     with pytest.raises(RateLimited):
         conn.check_replay()
-    clock.now = 41.0  # 100 bytes per second refilled the debt of 4000
+    clock.now = 40.5  # the debt of 4000 is refilled (100 bytes per second), not a second more
+    with pytest.raises(RateLimited) as refused:
+        conn.check_replay()
+    assert refused.value.retry_after == 0.5
+    clock.now = 41.0
     conn.check_replay()
 
 

@@ -273,6 +273,33 @@ async def test_batching_off_publishes_every_delta_on_its_own(fake_redis: Any) ->
     assert kinds(frames).count("budget_update") == 50
 
 
+async def test_unbatched_agents_side_by_side_share_round_trips(fake_redis: Any) -> None:
+    async with (
+        relay.connect(make_config(batch_max_events=1), redis=fake_redis) as rc,
+        rc.request(budget=100_000) as req,
+    ):
+
+        async def stream(i: int) -> None:
+            async with req.agent(f"streamer {i}", index=i, total=10) as agent:
+                for n in range(20):
+                    await agent.text(f"{n},", tokens=1)
+
+        await asyncio.gather(*(stream(i) for i in range(10)))
+    calls = rc.client.calls
+    # 10 agents x 20 deltas, each a budget add and a publish of its own ...
+    assert calls.calls >= 400, calls.calls
+    # ... but agents waiting on Redis at the same time share a pipeline.
+    assert calls.pipelines * 4 < calls.calls, (calls.pipelines, calls.calls)
+    frames = await history(rc, req.id)
+    deltas = [f for f in frames if f["type"] == "agent_text_delta"]
+    assert len(deltas) == 200
+    by_agent: dict[str, list[str]] = {}
+    for f in deltas:
+        by_agent.setdefault(f["agent_id"], []).append(f["text"])
+    assert len(by_agent) == 10
+    assert all(texts == [f"{n}," for n in range(20)] for texts in by_agent.values())
+
+
 async def test_the_outbox_is_bounded_and_blocks_the_producer() -> None:
     from relay.orchestrator.batch import Outbox
     from relay.wire.events import AgentTextDelta

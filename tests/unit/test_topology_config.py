@@ -120,7 +120,7 @@ class KeyRecorder:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[tuple[str, list[str]]] = []
-        call, queue = LuaScript.__call__, LuaScript.queue
+        call, queue, submit_in = LuaScript.__call__, LuaScript.queue, LuaScript.submit_in
 
         async def recorded_call(s: LuaScript, redis: Any, keys: list[str], args: list[Any]) -> Any:
             self.calls.append((s.name, keys))
@@ -130,6 +130,13 @@ class KeyRecorder:
             self.calls.append((s.name, keys))
             queue(s, pipe, keys, args)
 
+        def recorded_submit(
+            s: LuaScript, calls: Any, keys: list[str], args: list[Any]
+        ) -> asyncio.Future[Any]:
+            self.calls.append((s.name, keys))
+            return submit_in(s, calls, keys, args)
+
+        monkeypatch.setattr(LuaScript, "submit_in", recorded_submit)
         monkeypatch.setattr(LuaScript, "__call__", recorded_call)
         monkeypatch.setattr(LuaScript, "queue", recorded_queue)
 
