@@ -37,6 +37,7 @@ from redis.asyncio import Redis
 from redis.exceptions import DataError, ResponseError
 
 from relay import redisconn
+from relay.aio import cancel_and_wait
 
 MAX_CALLS = 256
 """Calls per pipeline: keeps one pipeline's reply parsing to a bounded slice of the loop."""
@@ -124,10 +125,7 @@ class AutoPipeline:
         """Cancel and await the pipelines in flight; calls still queued are cancelled."""
         while self._queue:
             self._queue.popleft()[1].cancel()
-        tasks = list(self._in_flight)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*self._in_flight)
 
     def _flush(self) -> None:
         self._scheduled = False

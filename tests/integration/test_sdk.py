@@ -4,6 +4,7 @@
 * a tree whose root runs in one orchestrator process and whose children run
   in another is cancelled from the root's process;
 * 10,000 single-token deltas arrive in order in far fewer script calls than deltas;
+* unbatched agents side by side share round trips, each agent's deltas in order;
 * a budget pause answered over the WebSocket resumes the agent.
 """
 
@@ -171,6 +172,46 @@ async def test_ten_thousand_single_token_deltas_arrive_in_order_in_few_round_tri
     assert calls <= n // 20, f"{calls} script calls for {n} deltas"
     updates = [f for f in viewer.events(rid) if f["type"] == "budget_update"]
     assert updates[-1]["tokens_used"] == n
+
+
+async def test_unbatched_agents_side_by_side_share_round_trips_to_a_real_redis(
+    redis_server: RedisServer, start_gateway: StartGateway
+) -> None:
+    gw = start_gateway()
+    rid = str(uuid.uuid4())
+    agents, per_agent = 10, 50
+    viewer = await watch(gw, rid)
+    try:
+        async with relay.connect(sdk_config(redis_server.url, batch_max_events=1)) as rc:
+            redis_server.command("CONFIG", "RESETSTAT")
+            async with rc.request(rid, budget=1_000_000) as req:
+
+                async def stream(i: int) -> str:
+                    async with req.agent(f"streamer {i}", index=i, total=agents) as agent:
+                        for n in range(per_agent):
+                            await agent.text(f"{n},", tokens=1)
+                    return agent.id
+
+                ids = await asyncio.gather(*(stream(i) for i in range(agents)))
+            calls = script_calls(redis_server)
+            trips = rc.client.calls.pipelines
+        done = set(ids)
+        await viewer.wait_for(lambda c: done <= set(ended(c, rid, "agent_completed")), 30)
+    finally:
+        await viewer.close()
+    # Every delta its own publish and budget add, as Redis counted them ...
+    assert calls >= agents * per_agent * 2, calls
+    # ... in far fewer round trips, since agents waiting at once share a pipeline.
+    assert trips * 4 < calls, (trips, calls)
+    for agent_id in ids:
+        texts = [
+            f["text"]
+            for f in viewer.events(rid)
+            if f["type"] == "agent_text_delta" and f["agent_id"] == agent_id
+        ]
+        assert texts == [f"{n}," for n in range(per_agent)], "each agent's deltas, in order"
+    seqs = [f["seq"] for f in viewer.events(rid)]
+    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
 
 
 def script_calls(redis_server: RedisServer) -> int:
