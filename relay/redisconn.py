@@ -78,7 +78,7 @@ async def follow_master(redis: Redis) -> None:
     """
     pool = getattr(redis, "connection_pool", None)  # a cluster client has none
     if isinstance(pool, SentinelConnectionPool):
-        await pool.get_master_address()  # type: ignore[no-untyped-call]
+        await pool.get_master_address()
 
 
 async def still_on_master(redis: Redis, connection: object) -> bool:
@@ -93,7 +93,7 @@ async def still_on_master(redis: Redis, connection: object) -> bool:
     pool = getattr(redis, "connection_pool", None)  # a cluster client has none
     if not isinstance(pool, SentinelConnectionPool):
         return True
-    address = await pool.get_master_address()  # type: ignore[no-untyped-call]
+    address = await pool.get_master_address()
     host, port = getattr(connection, "host", None), getattr(connection, "port", None)
     return (host, port) == tuple(address)
 
@@ -238,7 +238,7 @@ class _SentinelPool(SentinelConnectionPool):
 def _sentinel(rc: RedisConfig, kwargs: dict[str, Any]) -> Redis:
     address = sentinel_url(rc.effective_url)
     timeout = kwargs.get("socket_connect_timeout", rc.socket_timeout)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(
         address.sentinels,
         sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
     )
@@ -380,7 +380,7 @@ async def shard_pubsub(redis: Redis, channel: str) -> tuple[PubSub, Redis | None
     try:
         await pubsub.ssubscribe(channel)
     except BaseException:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await node.aclose()
         raise
     return pubsub, node
@@ -412,8 +412,8 @@ def sync_client(config: RedisConfig | GlobalConfig, *, socket_timeout: float) ->
         from redis.sentinel import Sentinel as SyncSentinel
 
         address = sentinel_url(rc.effective_url)
-        sentinel = SyncSentinel(address.sentinels, sentinel_kwargs=dict(kwargs))  # type: ignore[no-untyped-call]
-        master = sentinel.master_for(  # type: ignore[no-untyped-call]
+        sentinel = SyncSentinel(address.sentinels, sentinel_kwargs=dict(kwargs))
+        master = sentinel.master_for(
             address.master,
             db=address.db,
             username=address.username,

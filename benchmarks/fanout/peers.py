@@ -205,7 +205,7 @@ async def per_socket(scope: Scope, receive: Receive, send: Send) -> None:
         # Waits for the forwarder without raising what ended it; a cancellation
         # of this handler itself still propagates (asyncio.wait does not catch it).
         await asyncio.wait([task])
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
 
 
 _client: list[aioredis.Redis] = []

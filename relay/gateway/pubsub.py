@@ -276,7 +276,7 @@ class PubSubLink:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
     async def _run_connected(self) -> None:
         assert self._pubsub is not None

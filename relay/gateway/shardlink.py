@@ -216,7 +216,7 @@ class ClusterLink(PubSubLink):
         await super()._drop()
         for node in nodes:
             with contextlib.suppress(Exception):
-                await node.pubsub.aclose()  # type: ignore[no-untyped-call]
+                await node.pubsub.aclose()
             with contextlib.suppress(Exception):
                 await node.client.aclose()
 

@@ -183,7 +183,7 @@ class AutoPipeline:
     async def _write_and_read(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         pool = self.redis.connection_pool
         # (redis-py leaves get_connection untyped.)
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        connection = await pool.get_connection()
         try:
             packed = pack_commands(commands)
 

@@ -42,7 +42,7 @@ async def test_blackhole_silences_only_subscribers_and_stays_until_they_reconnec
         await late.subscribe("ch2")
         assert await late.get_message(timeout=0.5) is None
         assert numsub(redis_server, "ch2") == 1
-        await late.aclose()  # type: ignore[no-untyped-call]
+        await late.aclose()
 
         proxy.restore()
         assert await direct.publish("ch", "still lost") == 1
@@ -53,9 +53,9 @@ async def test_blackhole_silences_only_subscribers_and_stays_until_they_reconnec
         await direct.publish("ch", "seen")
         msg = await fresh.get_message(timeout=5)
         assert msg is not None and msg["data"] == b"seen"
-        await fresh.aclose()  # type: ignore[no-untyped-call]
+        await fresh.aclose()
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await through.aclose()
         await direct.aclose()
 

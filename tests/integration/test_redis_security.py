@@ -470,7 +470,7 @@ ADMIN_COMMANDS: tuple[Command, ...] = (
 def deny(client: redis_sync.Redis, *command: str) -> str:
     """Run ``command``; the NOPERM message (names "keys", "channels" or the command)."""
     with pytest.raises(NoPermissionError) as info:
-        client.execute_command(*command)  # type: ignore[no-untyped-call]
+        client.execute_command(*command)
     return str(info.value)
 
 
@@ -557,7 +557,7 @@ async def test_orchestrator_user_publishes_but_cannot_listen_or_cancel(secure: S
         message = await pubsub.get_message(timeout=5)
         assert message is not None and message["type"] == "subscribe"
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await client.aclose()
     # The SDK publishing under another tenant is refused with Redis's reason.
     wrong = secure.config("relay-orch-acme", tenant="beta", publish_retry_seconds=0)

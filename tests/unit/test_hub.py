@@ -122,7 +122,7 @@ async def test_a_dead_listener_is_rebuilt_and_backfills(hub: Hub) -> None:
     await until(lambda: len(sub.got) == 1)
     before = hub.link.reconnects
     assert hub.link._pubsub is not None
-    await hub.link._pubsub.aclose()  # type: ignore[no-untyped-call]  # the connection dies under the reader
+    await hub.link._pubsub.aclose()  # the connection dies under the reader
     await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "b"})
     await until(lambda: hub.link.reconnects > before and hub.ready)
     await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": "c"})
@@ -149,7 +149,7 @@ async def test_a_rollback_that_kept_the_epoch_gets_a_new_epoch(hub: Hub) -> None
     for entry_id, fields in kept:
         await hub.redis.xadd(rk.history, fields, id=entry_id)
     assert hub.link._pubsub is not None
-    await hub.link._pubsub.aclose()  # type: ignore[no-untyped-call]  # the restart drops the connection
+    await hub.link._pubsub.aclose()  # the restart drops the connection
     await asyncio.sleep(0.01)
     for i in range(3):  # seqs 4, 5, 6 again, with other events
         await client.publish(rid, {"type": "agent_text_delta", "agent_id": AGENT, "text": f"n{i}"})
