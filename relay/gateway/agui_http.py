@@ -12,7 +12,7 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -63,10 +63,10 @@ class AguiStream(Response):
             hold, s.hold = s.hold or deque(), None
             for env in hold:
                 s.queue.push_event(env)
-            tasks = [
+            tasks: list[asyncio.Future[Any]] = [
                 asyncio.create_task(s.writer.run(), name="relay-agui-writer"),
                 asyncio.create_task(s.done.wait(), name="relay-agui-done"),
-                asyncio.create_task(s.queue.overflow.wait(), name="relay-agui-overflow"),
+                s.queue.overflowed(),
                 asyncio.create_task(_disconnected(receive), name="relay-agui-disconnect"),
                 asyncio.create_task(s.heartbeat(), name="relay-agui-heartbeat"),
                 asyncio.create_task(s.expiry(), name="relay-agui-expiry"),

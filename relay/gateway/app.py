@@ -47,9 +47,9 @@ from relay.gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from relay.gateway.reaper import Reaper
 from relay.gateway.sendqueue import SendTurns
 from relay.gateway.shedder import OverloadShedder
+from relay.gateway.shortcut import KeepServerSend, SocketShortcut
 from relay.gateway.sse import events_sse
 from relay.gateway.static import console_routes
-from relay.gateway.writer import KeepServerSend
 from relay.wire.commands import CommandError, load_object
 
 log = logging.getLogger(__name__)
@@ -290,6 +290,9 @@ def create_app(config: GlobalConfig | None = None) -> Starlette:
     middleware = [
         # Outermost, so the send it keeps is the server's own (writer.py).
         Middleware(KeepServerSend),
+        # The events socket skips the rest, CORS to router: for its whole
+        # life it would be suspended in every layer (shortcut.py).
+        Middleware(SocketShortcut, path="/ws/events", endpoint=events_ws, allowed=allowed),
         # Answers preflights of the listed origins (same-origin
         # calls need none). No credentials: tokens travel in Authorization.
         Middleware(

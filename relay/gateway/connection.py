@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from relay.aio import stop_task
+from relay.aio import Signal, stop_task
 from relay.config import GlobalConfig
 from relay.gateway.auth import (
     CLOSE_TOKEN_EXPIRED,
@@ -110,7 +110,7 @@ class Connection:
         self.principal = principal or anonymous_principal(config)
         self._auth = auth
         self._subprotocol = subprotocol
-        self._refreshed = asyncio.Event()
+        self._refreshed = Signal()
         self._close_with: tuple[int, str] | None = None
         self.store: RequestStore = hub.store
         self.config = config
@@ -165,9 +165,9 @@ class Connection:
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
         writer = asyncio.create_task(self._writer.run(), name="relay-conn-writer")
-        overflow = asyncio.create_task(self._queue.overflow.wait(), name="relay-conn-overflow")
+        overflow = self._queue.overflowed()
         starter = asyncio.create_task(self._serve(), name="relay-conn-reader")
-        tasks = [writer, overflow, starter]
+        tasks: list[asyncio.Future[None]] = [writer, overflow, starter]
         if self._auth is not None and self._auth.enabled:
             # Without auth no token expires or is refreshed: no task to wait
             # forever (a task, an Event and a future per idle connection).
@@ -542,7 +542,8 @@ class Connection:
 
     def offer(self, envelope: Envelope) -> None:
         """Called by the hub for every event this connection may want."""
-        if not self.principal.may_touch(envelope.request_id):
+        scope = self.principal.requests  # Principal.may_touch, inlined: once per delivery
+        if scope is not None and envelope.request_id not in scope:
             return  # a token scoped to requests sees only those on the tenant-wide stream
         if self._subs:
             sub = self._subs.get(envelope.request_id)
@@ -556,7 +557,8 @@ class Connection:
                 return
         elif not self._firehose:
             return
-        self._queue.push_event(envelope)
+        if not self._writer.offer_direct(envelope):
+            self._queue.push_event(envelope)
 
     def stream_reset(self, request_id: str, epoch: str | None, reason: str) -> None:
         """Called by the hub when a request's stream cannot be continued."""

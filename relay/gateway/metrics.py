@@ -9,7 +9,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "LATENCY_SAMPLE", "Metrics"]
+
+LATENCY_SAMPLE = 8
+"""One delivery in this many is timed for ``relay_publish_to_send_seconds``."""
 
 
 class Metrics:

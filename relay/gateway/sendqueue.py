@@ -28,6 +28,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
+from relay.aio import Signal
+from relay.gateway.directsend import PassBudget
 from relay.gateway.envelope import Envelope
 from relay.gateway.metrics import Metrics
 
@@ -43,6 +45,12 @@ writers queue, a future): at one frame per turn that switch was paid per
 delivery, the largest share of relay's cost above the ceiling's with 1,000
 clients (py-spy). Fewer writers per pass, each sending more, keeps a pass
 the same length."""
+
+DIRECT_SHARE = 4
+"""Direct sends per pass of the loop, in ``frames_per_round``: a direct send
+costs a fraction of a writer's turn (no task switch), so more of them fit in
+the same few milliseconds, and one event reaches a thousand parked
+connections in one pass."""
 
 
 class SendTurns:
@@ -70,7 +78,10 @@ class SendTurns:
     """
 
     def __init__(
-        self, frames_per_round: int = FRAMES_PER_ROUND, min_frames: int = TURN_FRAMES
+        self,
+        frames_per_round: int = FRAMES_PER_ROUND,
+        min_frames: int = TURN_FRAMES,
+        direct_frames: int | None = None,
     ) -> None:
         self.frames_per_round = frames_per_round
         self.min_frames = max(1, min(min_frames, frames_per_round))
@@ -83,6 +94,10 @@ class SendTurns:
         """Events queued so far, over every queue (what the process was asked to send)."""
         self.taken = 0
         """Events taken off the queues by their writers so far (what it managed to)."""
+        self.direct = PassBudget(
+            DIRECT_SHARE * frames_per_round if direct_frames is None else direct_frames
+        )
+        """What the hub may still send itself (see :mod:`~relay.gateway.directsend`)."""
 
     @property
     def pending(self) -> int:
@@ -194,24 +209,28 @@ class SendQueue:
         self.drop_oldest = policy == "drop_oldest"
         self.metrics = metrics
         self._events: deque[tuple[int, Envelope]] = deque()
-        self._control: deque[tuple[int, Control]] = deque()
+        # A list, not a deque: control items are few and short-lived, and an
+        # empty deque is 760 bytes kept by every idle connection.
+        self._control: list[tuple[int, Control]] = []
         self._counter = 0
         self.nbytes = 0
         self.turns = turns or SendTurns()
-        self._holding = False
-        """Counted in ``turns.pending`` (holds at least one item)."""
-        self.wake = asyncio.Event()
+        self.holding = False
+        """Holds at least one item (and is counted in ``turns.pending``)."""
+        self.wake = Signal()
         """Set whenever something was added; the writer clears it before waiting."""
         self.lags: dict[str, Lag] = {}
         """Dropped ranges per request, until the writer settles them."""
         self.close_code: int | None = None
         self.close_reason = "send queue overflow"
-        # Set when the connection must be closed. The writer may be blocked in
+        # Done when the connection must be closed. The writer may be blocked in
         # a send to a client that reads nothing, so the connection waits for
-        # this event too and then stops the writer: a flag seen only by the
-        # writer would never be seen for a stalled client, while the close
-        # policy kept queueing every event (unbounded memory).
-        self.overflow = asyncio.Event()
+        # this too and then stops the writer: a flag seen only by the writer
+        # would never be seen for a stalled client, while the close policy
+        # kept queueing every event (unbounded memory). A future, made when
+        # first asked for, not an Event and a task waiting on it: both would
+        # be kept by every connection for its whole life.
+        self._overflowed: asyncio.Future[None] | None = None
 
     def __len__(self) -> int:
         return len(self._events)
@@ -232,8 +251,8 @@ class SendQueue:
         """Queue an event, applying the overflow policy when full."""
         if self.close_code is not None:
             return  # closing: the queue takes nothing more
-        if not self._holding:
-            self._holding = True
+        if not self.holding:
+            self.holding = True
             self.turns.busy.add(self)
         self._counter += 1
         self._events.append((self._counter, env))
@@ -278,8 +297,8 @@ class SendQueue:
         """Queue a control item; never dropped, but bounded against command floods."""
         if self.close_code is not None:
             return
-        if not self._holding:
-            self._holding = True
+        if not self.holding:
+            self.holding = True
             self.turns.busy.add(self)
         self._counter += 1
         self._control.append((self._counter, item))
@@ -294,7 +313,17 @@ class SendQueue:
             self.close_code = code
             if reason is not None:
                 self.close_reason = reason
-            self.overflow.set()
+            if self._overflowed is not None and not self._overflowed.done():
+                self._overflowed.set_result(None)
+
+    def overflowed(self) -> asyncio.Future[None]:
+        """A future done once the connection must be closed (see :meth:`fail`);
+        the same one on every call. Needs a running loop."""
+        if self._overflowed is None:
+            self._overflowed = asyncio.get_running_loop().create_future()
+            if self.close_code is not None:
+                self._overflowed.set_result(None)
+        return self._overflowed
 
     def pop(self) -> Envelope | Control | None:
         """The oldest item of either kind, or None when empty.
@@ -317,7 +346,7 @@ class SendQueue:
                 self._release_turn()
             return env
         if control:
-            item = control.popleft()[1]
+            item = control.pop(0)[1]
             if not events and not control:
                 self._release_turn()
             return item
@@ -325,8 +354,8 @@ class SendQueue:
         return None
 
     def _release_turn(self) -> None:
-        if self._holding:
-            self._holding = False
+        if self.holding:
+            self.holding = False
             self.turns.busy.discard(self)
 
     def close(self) -> None:

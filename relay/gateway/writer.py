@@ -24,45 +24,19 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from relay.config import GlobalConfig
+from relay.gateway.directsend import Resumed, start
 from relay.gateway.envelope import Envelope
-from relay.gateway.metrics import Metrics
+from relay.gateway.metrics import LATENCY_SAMPLE, Metrics
 from relay.gateway.sendqueue import Begin, SendQueue, SendTurns
 from relay.gateway.seqtrack import SeqTable, SeqTrack, Step
+from relay.gateway.shortcut import SERVER_SEND
 from relay.gateway.store import HistoryGap, RequestStore
 
 log = logging.getLogger(__name__)
-
-LATENCY_SAMPLE = 8
-"""One delivery in this many is timed for ``relay_publish_to_send_seconds``."""
-
-
-SERVER_SEND = "relay.server_send"
-"""Scope key under which :class:`KeepServerSend` leaves the server's ``send``."""
-
-
-class KeepServerSend:
-    """ASGI middleware, outermost: keeps a WebSocket's server ``send`` in its scope.
-
-    A frame sent through Starlette's ``WebSocket.send`` passes its state checks
-    and then one wrapper per layer of the middleware stack (exception handling
-    at the app and at the route, the origin guard): a coroutine frame each,
-    per frame sent, about a fifth of the gateway's profile with 1,000 clients.
-    Writers send their frames straight to the server's ``send`` once the
-    socket is accepted (:meth:`OrderedWriter._write`); the handshake and the
-    close still go through Starlette, where the middleware has a say.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            scope[SERVER_SEND] = send
-        await self.app(scope, receive, send)
 
 
 def dumps(obj: dict[str, Any]) -> str:
@@ -108,7 +82,11 @@ class OrderedWriter:
         self._server_send: Send | None = (
             ws.scope.get(SERVER_SEND) if isinstance(ws, WebSocket) else None
         )
-        """The server's own ``send`` (see :class:`KeepServerSend`); None: through Starlette."""
+        """The server's own ``send`` (:mod:`~relay.gateway.shortcut`); None: through Starlette."""
+        self._parked = False
+        """Waiting for work on an empty queue: the hub may send for it (:meth:`offer_direct`)."""
+        self._resumed: Resumed | None = None
+        """A direct send that suspended: finished by this writer before anything else."""
 
     def forget(self, request_id: str) -> None:
         """The client unsubscribed: drop what was sent and dropped of ``request_id``."""
@@ -135,7 +113,13 @@ class OrderedWriter:
                         continue
                     self._flush_metrics()
                     queue.wake.clear()
-                    await queue.wake.wait()
+                    self._parked = True
+                    try:
+                        await queue.wake.wait()
+                    finally:
+                        self._parked = False
+                    if self._resumed is not None:
+                        await self._finish_direct()
                     if turns.crowded() and not queue.reply_waiting():
                         # An event woke every idle writer at once: take a turn
                         # like the busy ones instead of all sending this pass.
@@ -161,7 +145,62 @@ class OrderedWriter:
         except WebSocketDisconnect:
             return  # the client is gone; the connection releases everything
         finally:
+            if self._resumed is not None:
+                self._resumed.close()
+                self._resumed = None
             self._flush_metrics()
+
+    def offer_direct(self, env: Envelope) -> bool:
+        """Send ``env`` now, from the caller's stack, if nothing stands before it.
+
+        Only while this writer is parked on an empty queue, the event is the
+        next seq of a request it is sending, nothing was dropped, and this
+        pass of the loop has direct sends left (see
+        :mod:`~relay.gateway.directsend`). False: the caller queues it
+        instead; the writer then sends it (or meets the same failure) itself.
+        The caller has checked that the connection wants the request.
+        """
+        send = self._server_send
+        if send is None or not self._parked:
+            return False
+        queue = self.queue
+        if queue.holding or queue.lags or queue.close_code is not None:
+            return False
+        if env.run_id is not None and self.runs:
+            return False
+        track = self.tracks.get(env.request_id)
+        if track is None or track.epoch != env.epoch or track.last != env.seq - 1:
+            return False
+        if self.ws.application_state is not WebSocketState.CONNECTED:
+            return False
+        turns = self.turns
+        direct = turns.direct
+        if (turns.busy and turns.crowded()) or not direct.take(env.nbytes):
+            return False
+        try:
+            resumed = start(send({"type": "websocket.send", "text": env.frame}))
+        except Exception:
+            return False  # the writer sends it and meets the failure in its own task
+        track.last = env.seq
+        turns.offered += 1
+        turns.taken += 1
+        direct.count(self.metrics, env.nbytes, env.ts)
+        if resumed is not None:
+            # The socket's buffer is full: the writer finishes this send
+            # before anything else, and the hub queues until it has.
+            self._resumed = resumed
+            self._parked = False
+            queue.wake.set()
+        return True
+
+    async def _finish_direct(self) -> None:
+        resumed, self._resumed = self._resumed, None
+        assert resumed is not None
+        try:
+            await resumed
+        except OSError:
+            self.ws.application_state = WebSocketState.DISCONNECTED
+            raise WebSocketDisconnect(code=1006) from None
 
     def _flush_metrics(self) -> None:
         if self._sent:

@@ -195,7 +195,7 @@ async def test_a_blocked_event_loop_is_noticed_and_shed() -> None:
     try:
         await asyncio.sleep(0.02)  # the shedder is waiting for its wake-up
         time.sleep(0.3)  # noqa: ASYNC251 (the point: a loop busy for 0.3 s, nothing else runs)
-        await asyncio.wait_for(queue.overflow.wait(), 5)
+        await asyncio.wait_for(queue.overflowed(), 5)
     finally:
         await shedder.close()
     assert queue.close_code == CLOSE_TRY_AGAIN_LATER and shedder.lag >= 0.05

@@ -17,8 +17,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from relay.gateway.envelope import Envelope
 from relay.gateway.metrics import Metrics
 from relay.gateway.sendqueue import Begin, SendQueue, SendTurns
+from relay.gateway.shortcut import SERVER_SEND, KeepServerSend
 from relay.gateway.store import RequestStore
-from relay.gateway.writer import SERVER_SEND, KeepServerSend, OrderedWriter
+from relay.gateway.writer import OrderedWriter
 from relay.wire.keys import Keys
 from tests.unit.test_hardening import ordered_writer
 
