@@ -180,6 +180,10 @@ class Connection:
                 if exc is not None and not isinstance(exc, WebSocketDisconnect):
                     failure = exc
         finally:
+            # A token that expired, a limit hit: nothing more reaches the
+            # client, not even sent by the hub in the pass before the writer
+            # sees its cancellation.
+            self._writer.stop()
             try:
                 for task in tasks:
                     task.cancel()

@@ -85,6 +85,8 @@ class OrderedWriter:
         """The server's own ``send`` (:mod:`~relay.gateway.shortcut`); None: through Starlette."""
         self._parked = False
         """Waiting for work on an empty queue: the hub may send for it (:meth:`offer_direct`)."""
+        self._stopped = False
+        """:meth:`stop` was called: the hub sends nothing more for it."""
         self._resumed: Resumed | None = None
         """A direct send that suspended: finished by this writer before anything else."""
 
@@ -113,7 +115,7 @@ class OrderedWriter:
                         continue
                     self._flush_metrics()
                     queue.wake.clear()
-                    self._parked = True
+                    self._parked = not self._stopped
                     try:
                         await queue.wake.wait()
                     finally:
@@ -149,6 +151,12 @@ class OrderedWriter:
                 self._resumed.close()
                 self._resumed = None
             self._flush_metrics()
+
+    def stop(self) -> None:
+        """No more direct sends: the connection is closing (call before
+        cancelling :meth:`run`, which stays parked until its task runs again)."""
+        self._stopped = True
+        self._parked = False
 
     def offer_direct(self, env: Envelope) -> bool:
         """Send ``env`` now, from the caller's stack, if nothing stands before it.

@@ -104,6 +104,19 @@ async def test_a_send_that_suspends_is_finished_by_the_writer_in_order() -> None
     await stop(task)
 
 
+async def test_a_stopped_writer_gets_nothing_sent_for_it() -> None:
+    # The connection closes (a token expired): its writer is cancelled but
+    # stays parked until its task runs; the hub must not send meanwhile.
+    server, rid = Server(), str(uuid.uuid4())
+    writer, _, task = await parked_writer(server, rid, SendTurns())
+    writer.stop()
+    task.cancel()
+    assert not writer.offer_direct(event(rid, 1))
+    assert server.frames == ['{"type":"subscribed"}']
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_out_of_order_or_queued_events_take_the_writer() -> None:
     server, rid = Server(), str(uuid.uuid4())
     writer, queue, task = await parked_writer(server, rid, SendTurns())
