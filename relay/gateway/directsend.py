@@ -26,7 +26,6 @@ connections and the delivery probe; past the budget events take the queue.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
@@ -179,11 +178,12 @@ class PassBudget:
         if not self._armed:
             self._arm()
         if self._seen % LATENCY_SAMPLE == 0 and ts:
-            metrics.latency.observe(max(0.0, time.time() - ts / 1000))
+            metrics.observe_latency(ts)
 
     def _flush(self) -> None:
         if self._sent and self._metrics is not None:
             self._metrics.events_out.inc(self._sent)
+            self._metrics.events_direct.inc(self._sent)
             self._metrics.bytes_out.inc(self._bytes)
         self._sent = self._bytes = 0
 

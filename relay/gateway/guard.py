@@ -47,6 +47,11 @@ def origin_allowed(origin: str | None, host: str | None, allowed: Iterable[str])
     )
 
 
+def origin_set(allowed: Iterable[str]) -> frozenset[str]:
+    """``auth.allowed_origins`` as :func:`origin_allowed` compares them (lower case)."""
+    return frozenset(o.lower() for o in allowed)
+
+
 def scope_origin_allowed(scope: Scope, allowed: Iterable[str]) -> bool:
     """:func:`origin_allowed` for the ``Origin`` and ``Host`` headers of an ASGI scope."""
     # Not a dict of every header: the caller's frame may live as long as its
@@ -65,7 +70,7 @@ class OriginGuard:
 
     def __init__(self, app: ASGIApp, allowed: Iterable[str], metrics: list[Metrics]) -> None:
         self.app = app
-        self.allowed = frozenset(o.lower() for o in allowed)
+        self.allowed = origin_set(allowed)
         self._metrics = metrics
         """Filled by the lifespan (the registry is made there); empty before."""
 

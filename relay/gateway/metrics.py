@@ -6,6 +6,8 @@ test process without colliding in the global registry.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -30,6 +32,11 @@ class Metrics:
         )
         self.events_out = Counter("relay_events_sent", "Event frames sent to clients", registry=r)
         self.bytes_out = Counter("relay_bytes_sent", "Bytes of frames sent to clients", registry=r)
+        self.events_direct = Counter(
+            "relay_events_sent_direct",
+            "Of relay_events_sent, those the hub wrote itself to a caught-up client",
+            registry=r,
+        )
         self.replayed = Counter(
             "relay_events_replayed", "Event frames sent from history (resume, lag)", registry=r
         )
@@ -100,3 +107,7 @@ class Metrics:
     def render(self) -> bytes:
         """The registry in Prometheus text format."""
         return generate_latest(self.registry)
+
+    def observe_latency(self, ts: int) -> None:
+        """Time one delivery of an event published at ``ts`` (ms, Redis clock)."""
+        self.latency.observe(max(0.0, time.time() - ts / 1000))

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from relay.gateway.guard import scope_origin_allowed
+from relay.gateway.guard import origin_set, scope_origin_allowed
 
 SERVER_SEND = "relay.server_send"
 """Scope key under which :class:`KeepServerSend` leaves the server's ``send``."""
@@ -76,7 +76,7 @@ class SocketShortcut:
         self.app = app
         self.path = path
         self.endpoint = endpoint
-        self.allowed = frozenset(o.lower() for o in allowed)
+        self.allowed = origin_set(allowed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (

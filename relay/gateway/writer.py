@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -172,12 +171,10 @@ class OrderedWriter:
         if send is None or not self._parked:
             return False
         queue = self.queue
-        if queue.holding or queue.lags or queue.close_code is not None:
+        if queue.holding or queue.close_code is not None:
             return False
-        if env.run_id is not None and self.runs:
-            return False
-        track = self.tracks.get(env.request_id)
-        if track is None or track.epoch != env.epoch or track.last != env.seq - 1:
+        track = self._next_of(env)
+        if track is None:
             return False
         if self.ws.application_state is not WebSocketState.CONNECTED:
             return False
@@ -207,8 +204,13 @@ class OrderedWriter:
         try:
             await resumed
         except OSError:
-            self.ws.application_state = WebSocketState.DISCONNECTED
-            raise WebSocketDisconnect(code=1006) from None
+            raise self._gone() from None
+
+    def _gone(self) -> WebSocketDisconnect:
+        """The server's send failed: the peer left (uvicorn's ClientDisconnected is
+        an OSError). Marks the socket disconnected, as Starlette does."""
+        self.ws.application_state = WebSocketState.DISCONNECTED
+        return WebSocketDisconnect(code=1006)
 
     def _flush_metrics(self) -> None:
         if self._sent:
@@ -237,8 +239,7 @@ class OrderedWriter:
         try:
             await send({"type": "websocket.send", "text": text})
         except OSError:
-            ws.application_state = WebSocketState.DISCONNECTED
-            raise WebSocketDisconnect(code=1006) from None
+            raise self._gone() from None
 
     async def _send(self, text: str) -> None:
         await self._emit_control(text)
@@ -257,12 +258,10 @@ class OrderedWriter:
 
         Returns False when the event needs the general path (:meth:`_send_event`).
         """
-        if self.queue.lags or (env.run_id is not None and self.runs):
+        track = self._next_of(env)
+        if track is None:
             return False
         rid = env.request_id
-        track = self.tracks.get(rid)
-        if track is None or track.epoch != env.epoch or track.last != env.seq - 1:
-            return False
         if not self.wants(rid):
             return True  # queued before the client unsubscribed: dropped
         await self._emit(env)
@@ -273,11 +272,22 @@ class OrderedWriter:
             await self._yield()
         return True
 
+    def _next_of(self, env: Envelope) -> SeqTrack | None:
+        """The track of ``env``'s request when ``env`` is its next seq with
+        nothing to settle first (no drops, no run filter); None otherwise.
+        Both fast paths ask this: the writer's and the hub's direct send."""
+        if self.queue.lags or (env.run_id is not None and self.runs):
+            return None
+        track = self.tracks.get(env.request_id)
+        if track is None or track.epoch != env.epoch or track.last != env.seq - 1:
+            return None
+        return track
+
     def _count(self, env: Envelope) -> None:
         self._sent += 1
         self._bytes += env.nbytes
         if self._sent % LATENCY_SAMPLE == 0 and env.ts:
-            self.metrics.latency.observe(max(0.0, time.time() - env.ts / 1000))
+            self.metrics.observe_latency(env.ts)
 
     async def _begin(self, item: Begin) -> None:
         rid = item.request_id
